@@ -1,0 +1,84 @@
+"""Configuration of the diffusion process and of the samplers (pydantic v2, saved with every run)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class DiffusionConfig(BaseModel):
+    """The forward process and the training objective.
+
+    Attributes
+    ----------
+    num_timesteps
+        Number of diffusion steps T used in training (the paper: 1000).
+    beta_schedule
+        ``"linear"``: betas evenly spaced from ``1e-4 * 1000 / T`` to ``0.02 * 1000 / T`` (the DDPM schedule,
+        rescaled so that any T gives the same overall amount of noise).
+    learn_sigma
+        The model predicts 2N channels: epsilon and the variance interpolation value v (Improved DDPM's
+        "learned range" between log beta_t and log beta-tilde_t). Otherwise N channels of epsilon and the
+        sampler uses the fixed posterior variance beta-tilde_t.
+    loss
+        Loss on epsilon: ``"hybrid"`` (MSE, plus the VLB term for the variance when ``learn_sigma``),
+        ``"mse"`` (MSE only; with ``learn_sigma`` the variance half receives no gradient) or
+        ``"charbonnier"`` (sqrt(e^2 + eps^2), as in the authors' code, plus the VLB term when ``learn_sigma``).
+    lambda_vlb
+        Weight of the variational bound. The term added to the loss is ``lambda_vlb * T * L_t``, the
+        single-sample estimate of ``lambda_vlb * L_vlb`` under uniform t. With the defaults (0.001, T = 1000)
+        this is ``1 * L_t``, as in Improved DDPM.
+    eps_loss_reduction
+        ``"mean"``: the epsilon loss is averaged over all elements; ``"sum"``: summed over channels and
+        pixels, averaged over the batch.
+    charbonnier_eps
+        The eps of the Charbonnier loss.
+    decoder_nll
+        Term of the bound at t = 0: ``"discretized"`` (guided-diffusion's discretised Gaussian likelihood of
+        data in [-1, 1] with 255 bins) or ``"gaussian"`` (continuous Gaussian NLL; gene expression is not
+        8-bit data, but its value is a density, not a probability, so it can be negative).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_timesteps: int = Field(1000, ge=2)
+    beta_schedule: Literal["linear"] = "linear"
+    learn_sigma: bool = True
+    loss: Literal["hybrid", "mse", "charbonnier"] = "hybrid"
+    lambda_vlb: float = Field(0.001, ge=0.0)
+    eps_loss_reduction: Literal["mean", "sum"] = "mean"
+    charbonnier_eps: float = Field(1e-3, gt=0.0)
+    decoder_nll: Literal["discretized", "gaussian"] = "discretized"
+
+
+class SamplerConfig(BaseModel):
+    """How to sample at inference time.
+
+    Attributes
+    ----------
+    method
+        ``"ddpm"`` (ancestral, learned variance), ``"ddim"`` or ``"dpmpp"`` (DPM-Solver++ 2M).
+    steps
+        Number of model evaluations; ``None`` means all T training steps (the paper's 1000-step DDPM).
+    eta
+        DDIM stochasticity (0 = deterministic); ignored by the other methods.
+    num_samples
+        K samples per input, summarised as mean and standard deviation maps.
+    clip
+        Clip the predicted x0 to [-1, 1] at every step.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["ddpm", "ddim", "dpmpp"] = "ddpm"
+    steps: int | None = Field(None, ge=1)
+    eta: float = Field(0.0, ge=0.0)
+    num_samples: int = Field(1, ge=1)
+    clip: bool = True
+
+    @model_validator(mode="after")
+    def _eta_only_for_ddim(self) -> SamplerConfig:
+        if self.eta != 0.0 and self.method != "ddim":
+            raise ValueError(f"eta={self.eta} is only used by method='ddim', not {self.method!r}; set eta=0")
+        return self
