@@ -1,0 +1,117 @@
+"""Torch dataset over a prepared folder (see :mod:`diffst.data.prepare` for the format)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from diffst.data.geometry import TileGeometry
+from diffst.data.normalise import LogScaleNormaliser
+from diffst.data.prepare import load_meta
+from diffst.errors import InputError
+
+# The 8 symmetries of the square: (number of 90-degree turns, flip left-right first).
+DIHEDRAL = [(k, f) for f in (False, True) for k in range(4)]
+
+
+def _transform(a: np.ndarray, k: int, flip: bool) -> np.ndarray:
+    """Apply a square symmetry to the last two axes."""
+    if flip:
+        a = a[..., ::-1]
+    return np.rot90(a, k, axes=(-2, -1))
+
+
+class PreparedTiles(Dataset):
+    """Tiles of one split of a prepared dataset, in model space.
+
+    Each item is a dict of float32 tensors: ``lr`` (N, h, w) and, when the dataset has HR ground
+    truth, ``hr`` (N, H, W), both in the normaliser's model space; ``lr_mask`` (h, w); ``tissue``
+    (C, S, S) and ``cells`` (M, C, p, p) in [0, 1]; ``cell_entropy`` (M,); and ``index``.
+    With ``augment=True`` one of the 8 square symmetries (flips, 90-degree rotations) is drawn per
+    item and applied identically to every modality: to the maps, to the tissue image, and to the
+    cell grid as well as to each cell patch (with its entropy moved along).
+    Arrays are memory-mapped, so opening a dataset costs no RAM.
+    """
+
+    def __init__(self, path: str | Path, split: str = "train", augment: bool = False, seed: int = 0):
+        self.path = Path(path)
+        self.meta = load_meta(self.path)
+        if split not in ("train", "val", "test"):
+            raise InputError(f"Unknown split '{split}'; choose train, val or test.")
+        folder = self.path / split
+        if not folder.is_dir():
+            raise InputError(
+                f"Prepared dataset {self.path} has no '{split}' tiles (it has {self.meta['n_tiles']}). "
+                "Choose another split or prepare with a held-out region / samples."
+            )
+        self.split = split
+        self.geometry = TileGeometry(**self.meta["geometry"])
+        self.genes: list[str] = self.meta["genes"]
+        self.normaliser = LogScaleNormaliser(**self.meta["normaliser"])
+        self.has_hr = bool(self.meta["has_hr"])
+
+        def load(name: str) -> np.ndarray:
+            try:
+                return np.load(folder / f"{name}.npy", mmap_mode="r")
+            except (OSError, ValueError) as exc:
+                raise InputError(f"{folder / name}.npy is missing or corrupt ({exc}); prepare the dataset again.") from exc
+
+        self.lr_counts = load("lr_counts")
+        self.lr_mask = load("lr_mask")
+        self.hr_counts = load("hr_counts") if self.has_hr else None
+        self.tissue = load("tissue")
+        self.cells = load("cells")
+        self.cell_entropy = load("cell_entropy")
+        n = len(self.lr_counts)
+        for name, arr in (("tissue", self.tissue), ("cells", self.cells), ("cell_entropy", self.cell_entropy)):
+            if len(arr) != n:
+                raise InputError(f"{folder}: {name} has {len(arr)} tiles but lr_counts has {n}; the folder is inconsistent.")
+        table = pd.read_csv(self.path / "tiles.csv")
+        self.tiles = table[table["split"] == split].sort_values("index").reset_index(drop=True)
+        self.augment = augment
+        self._rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self.lr_counts)
+
+    @property
+    def image_channels(self) -> int:
+        return int(self.tissue.shape[1])
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        scale = self.geometry.scale
+        lr = self.normaliser.lr_to_model(np.asarray(self.lr_counts[i], dtype=np.float32), scale)
+        mask = np.asarray(self.lr_mask[i])
+        tissue = np.asarray(self.tissue[i], dtype=np.float32) / 255.0
+        cells = np.asarray(self.cells[i], dtype=np.float32) / 255.0
+        entropy = np.asarray(self.cell_entropy[i], dtype=np.float32)
+        hr = None
+        if self.has_hr:
+            hr = self.normaliser.to_model(np.asarray(self.hr_counts[i], dtype=np.float32))
+        if self.augment:
+            k, flip = DIHEDRAL[self._rng.integers(len(DIHEDRAL))]
+            lr, mask, tissue = _transform(lr, k, flip), _transform(mask, k, flip), _transform(tissue, k, flip)
+            if hr is not None:
+                hr = _transform(hr, k, flip)
+            g = self.geometry.cell_grid
+            grid = cells.reshape(g, g, *cells.shape[1:])  # (g, g, C, p, p)
+            grid = _transform(np.moveaxis(grid, (0, 1), (-2, -1)), k, flip)  # grid positions
+            grid = np.moveaxis(grid, (-2, -1), (0, 1))
+            cells = _transform(grid, k, flip).reshape(cells.shape)  # pixels inside each patch
+            ent = _transform(entropy.reshape(g, g), k, flip).reshape(-1)
+            entropy = ent
+        item = {
+            "lr": torch.from_numpy(np.ascontiguousarray(lr, dtype=np.float32)),
+            "lr_mask": torch.from_numpy(np.ascontiguousarray(mask)),
+            "tissue": torch.from_numpy(np.ascontiguousarray(tissue)),
+            "cells": torch.from_numpy(np.ascontiguousarray(cells)),
+            "cell_entropy": torch.from_numpy(np.ascontiguousarray(entropy)),
+            "index": torch.tensor(i),
+        }
+        if hr is not None:
+            item["hr"] = torch.from_numpy(np.ascontiguousarray(hr, dtype=np.float32))
+        return item

@@ -1,0 +1,144 @@
+"""Tile geometry in microns: one object says where a tile is and how every modality is gridded.
+
+A tile is a square of ``tile_lr`` low-resolution (LR) bins per side. Each LR bin is ``scale x scale``
+high-resolution (HR) bins, so HR = LR x scale exactly and the LR map of a tile is the s x s block
+sum of its HR map (Xenium pseudo-spots). The histology of the tile is resampled to
+``image_pixel_um`` and then shrunk to a ``tissue_px``-square tissue-level image, and cut into a
+``cell_grid x cell_grid`` grid of cell-level patches stored at ``cell_px`` pixels.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, model_validator
+
+from diffst.errors import GeometryError
+
+
+class TileGeometry(BaseModel):
+    """Gridding of one tile, in microns. Validated on construction.
+
+    Attributes
+    ----------
+    hr_bin_um
+        Side of one HR bin (the output resolution), e.g. 10 µm.
+    scale
+        Super-resolution factor s: an LR bin is s x s HR bins (5 or 10 in the paper).
+    tile_lr
+        LR bins per tile side; the tile is ``tile_lr * scale * hr_bin_um`` microns wide.
+    image_pixel_um
+        Microns per pixel the histology is resampled to before cutting (paper: 0.5).
+    tissue_px
+        Side of the tissue-level image (paper: 256).
+    cell_grid
+        Cell-level patches per side (paper: 16, so M = 256 patches).
+    cell_px
+        Stored side of each cell-level patch (paper code: 16).
+    origin_um
+        (x, y) micron coordinates of the tile's top-left corner; None for a template.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    hr_bin_um: float
+    scale: int
+    tile_lr: int
+    image_pixel_um: float = 0.5
+    tissue_px: int = 256
+    cell_grid: int = 16
+    cell_px: int = 16
+    origin_um: tuple[float, float] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> TileGeometry:
+        if not self.hr_bin_um > 0:
+            raise GeometryError(f"hr_bin_um must be a positive size in microns, got {self.hr_bin_um}.")
+        if self.scale < 1:
+            raise GeometryError(f"scale (super-resolution factor s) must be >= 1, got {self.scale}; use 5 or 10.")
+        if self.tile_lr < 1:
+            raise GeometryError(f"tile_lr (LR bins per tile side) must be >= 1, got {self.tile_lr}.")
+        if not self.image_pixel_um > 0:
+            raise GeometryError(f"image_pixel_um must be positive microns per pixel, got {self.image_pixel_um}.")
+        if self.image_pixel_um > self.hr_bin_um:
+            raise GeometryError(
+                f"image_pixel_um={self.image_pixel_um} is coarser than the HR bin ({self.hr_bin_um} µm): the image "
+                "would hold less detail than the output. Use a finer image pixel size (e.g. 0.5 µm)."
+            )
+        if self.image_px < self.tissue_px:
+            raise GeometryError(
+                f"The tile is only {self.image_px} px at {self.image_pixel_um} µm/px, smaller than the tissue-level "
+                f"image ({self.tissue_px} px). Lower tissue_px or use a finer image_pixel_um."
+            )
+        if self.cell_grid < 1 or self.image_px // self.cell_grid < 1:
+            raise GeometryError(f"cell_grid={self.cell_grid} patches per side do not fit a {self.image_px} px tile.")
+        return self
+
+    # -------------------------------------------------------------------------------- derived sizes
+    @property
+    def lr_bin_um(self) -> float:
+        return self.hr_bin_um * self.scale
+
+    @property
+    def tile_um(self) -> float:
+        return self.tile_lr * self.lr_bin_um
+
+    @property
+    def tile_hr(self) -> int:
+        return self.tile_lr * self.scale
+
+    @property
+    def image_px(self) -> int:
+        return int(round(self.tile_um / self.image_pixel_um))
+
+    @property
+    def n_cell_patches(self) -> int:
+        return self.cell_grid * self.cell_grid
+
+    @property
+    def cell_patch_um(self) -> float:
+        return self.tile_um / self.cell_grid
+
+    def at(self, x_um: float, y_um: float) -> TileGeometry:
+        """The same gridding placed with its top-left corner at (x_um, y_um)."""
+        return self.model_copy(update={"origin_um": (float(x_um), float(y_um))})
+
+    def bounds_um(self) -> tuple[float, float, float, float]:
+        """(x0, y0, x1, y1) of a placed tile."""
+        if self.origin_um is None:
+            raise GeometryError("This geometry is a template without origin_um; place it with .at(x, y) first.")
+        x0, y0 = self.origin_um
+        return x0, y0, x0 + self.tile_um, y0 + self.tile_um
+
+    def describe(self) -> str:
+        return (
+            f"tile {self.tile_um:g} µm: LR {self.tile_lr}x{self.tile_lr} at {self.lr_bin_um:g} µm, "
+            f"HR {self.tile_hr}x{self.tile_hr} at {self.hr_bin_um:g} µm (s={self.scale}), image "
+            f"{self.image_px} px at {self.image_pixel_um:g} µm/px -> tissue {self.tissue_px}^2, "
+            f"{self.n_cell_patches} cell patches of {self.cell_patch_um:g} µm"
+        )
+
+
+PresetName = Literal["paper", "cpu"]
+
+
+def tile_preset(name: PresetName, scale: int = 10) -> TileGeometry:
+    """Named tile geometries.
+
+    ``paper``: LR 100 µm bins, 26 x 26 per tile (2.6 mm, the paper's ~2.56 mm tiles rounded to whole
+    LR bins), HR 10 µm at s = 10 or 20 µm at s = 5, image at 0.5 µm/px, tissue image 256 x 256,
+    16 x 16 = 256 cell patches (162.5 µm each, the paper's "cellular organisation scale").
+
+    ``cpu``: small tiles the real Xenium crop (510 x 382 µm) fills several times: HR 10 µm, tiles of
+    200 µm (20 x 20 HR bins; LR 50 µm at s = 5, 100 µm at s = 10), image at 0.5 µm/px shrunk to
+    128 x 128, 8 x 8 cell patches of 25 µm.
+    """
+    if scale not in (5, 10):
+        raise GeometryError(f"Presets are defined for scale 5 and 10, got {scale}; build a TileGeometry directly.")
+    if name == "paper":
+        return TileGeometry(hr_bin_um=1000.0 / (10 * scale), scale=scale, tile_lr=26, image_pixel_um=0.5,
+                            tissue_px=256, cell_grid=16, cell_px=16)
+    if name == "cpu":
+        return TileGeometry(hr_bin_um=10.0, scale=scale, tile_lr=200 // (10 * scale), image_pixel_um=0.5,
+                            tissue_px=128, cell_grid=8, cell_px=16)
+    raise GeometryError(f"Unknown tile preset '{name}'; choose 'paper' or 'cpu'.")

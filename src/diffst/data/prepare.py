@@ -1,0 +1,273 @@
+"""Prepare a dataset of registered tiles on disk.
+
+On-disk format (``FORMAT_VERSION`` 1), a folder::
+
+    dataset.json            geometry, genes, normalisation, splits, samples, provenance
+    tiles.csv               one row per tile: tile_id, split, index (row within its split), sample,
+                            x0_um, y0_um, x1_um, y1_um, n_counts, tissue_fraction
+    <split>/lr_counts.npy   float32 (T, N, tile_lr, tile_lr)  raw counts per LR bin
+    <split>/lr_mask.npy     bool    (T, tile_lr, tile_lr)     LR bins that were measured
+    <split>/hr_counts.npy   float32 (T, N, tile_hr, tile_hr)  raw counts per HR bin (point data only)
+    <split>/tissue.npy      uint8   (T, C, tissue_px, tissue_px)
+    <split>/cells.npy       uint8   (T, M, C, cell_px, cell_px)  row-major over the cell grid
+    <split>/cell_entropy.npy float32 (T, M)                   Shannon entropy (bits) of each patch
+    preview.png             histology / LR / HR of a few genes on one tile
+
+Splits are ``train``, ``val`` and ``test``. A tile belongs to one split only, and no training tile
+overlaps a val/test region or comes from a val/test sample, so no test pixel is ever seen in training.
+Everything is written to a temporary folder first and moved into place at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, Field
+from tqdm.auto import tqdm
+
+import diffst
+from diffst.data.geometry import TileGeometry
+from diffst.data.normalise import LogScaleNormaliser
+from diffst.data.sample import Sample
+from diffst.data.tiling import TileArrays, intersects, make_tile, plan_origins
+from diffst.errors import GeometryError, InputError
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "val", "test")
+Rect = tuple[float, float, float, float]
+
+
+class SplitSpec(BaseModel):
+    """How tiles are assigned to splits: whole samples, and/or held-out rectangles (µm) inside samples."""
+
+    test_samples: list[str] = Field(default_factory=list)
+    val_samples: list[str] = Field(default_factory=list)
+    test_region: Rect | None = None
+    val_region: Rect | None = None
+    train_stride_um: float | None = None  # default: half a tile
+    eval_stride_um: float | None = None  # default: half a tile (val/test)
+
+
+def select_genes(samples: Sequence[Sample], n_genes: int | None, genes: Sequence[str] | None,
+                 exclude: dict[str, list[Rect]] | None = None) -> list[str]:
+    """The given gene list (checked against every sample), or the top-N genes by total counts in
+    the training data (outside held-out samples and regions), among genes present in every sample."""
+    if genes:
+        for s in samples:
+            s.gene_indices(list(genes))
+        return list(genes)
+    if not n_genes or n_genes < 1:
+        raise InputError(f"n_genes must be a positive number of genes, got {n_genes}; or pass a gene list.")
+    common = set(samples[0].genes).intersection(*[s.genes for s in samples[1:]])
+    totals = pd.Series(0.0, index=sorted(common))
+    for s in samples:
+        rects = (exclude or {}).get(s.name)
+        if rects is None:
+            continue
+        xy = s.xy_um()
+        keep = np.ones(len(xy), dtype=bool)
+        for r in rects:
+            keep &= ~((xy[:, 0] >= r[0]) & (xy[:, 0] < r[2]) & (xy[:, 1] >= r[1]) & (xy[:, 1] < r[3]))
+        if s.has_points:
+            per_gene = np.bincount(s.transcripts["gene"].to_numpy()[keep], minlength=len(s.genes))
+        else:
+            per_gene = np.asarray(s.spots.counts[keep].sum(axis=0)).ravel()
+        series = pd.Series(per_gene, index=s.genes)
+        totals += series.reindex(totals.index).fillna(0)
+    if len(totals) < n_genes:
+        raise InputError(f"Only {len(totals)} genes are shared by all samples; asked for the top {n_genes}.")
+    ranked = totals.sort_values(ascending=False, kind="stable")
+    return list(ranked.index[:n_genes])
+
+
+def _sample_region(sample: Sample, geom: TileGeometry) -> Rect:
+    """Where tiles may go: the image, cut to the extent of the expression data."""
+    ix0, iy0, ix1, iy1 = sample.image.extent_um()
+    dx0, dy0, dx1, dy1 = sample.extent_um()
+    # Data rarely reach the last pixel: allow a tile edge up to one HR bin (or half a spot) past them.
+    pad = max(geom.hr_bin_um, sample.spots.diameter_um / 2 if sample.spots is not None else 0.0)
+    region = (max(ix0, dx0 - pad), max(iy0, dy0 - pad), min(ix1, dx1 + pad), min(iy1, dy1 + pad))
+    if region[2] - region[0] < geom.tile_um or region[3] - region[1] < geom.tile_um:
+        raise GeometryError(
+            f"Sample {sample.name}: the imaged area with data is {region[2] - region[0]:.0f} x {region[3] - region[1]:.0f} µm, "
+            f"smaller than one {geom.tile_um:g} µm tile. Use a smaller tile preset (--preset cpu), or check the "
+            "image pixel size."
+        )
+    return region
+
+
+def plan_tiles(samples: Sequence[Sample], geom: TileGeometry, split: SplitSpec) -> list[tuple[str, str, float, float]]:
+    """(split, sample name, x0, y0) of every candidate tile."""
+    names = {s.name for s in samples}
+    for listed in (split.test_samples, split.val_samples):
+        unknown = set(listed) - names
+        if unknown:
+            raise InputError(f"Split names unknown sample(s) {sorted(unknown)}; samples are {sorted(names)}.")
+    train_stride = split.train_stride_um or geom.tile_um / 2
+    eval_stride = split.eval_stride_um or geom.tile_um / 2
+    plan = []
+    for s in samples:
+        region = _sample_region(s, geom)
+        if s.name in split.test_samples or s.name in split.val_samples:
+            which = "test" if s.name in split.test_samples else "val"
+            plan += [(which, s.name, x, y) for x, y in plan_origins(region, geom, eval_stride)]
+            continue
+        held = {k: r for k, r in (("test", split.test_region), ("val", split.val_region)) if r is not None}
+        for which, rect in held.items():
+            sub = (max(rect[0], region[0]), max(rect[1], region[1]), min(rect[2], region[2]), min(rect[3], region[3]))
+            plan += [(which, s.name, x, y) for x, y in plan_origins(sub, geom, eval_stride)]
+        for x, y in plan_origins(region, geom, train_stride):
+            box = (x, y, x + geom.tile_um, y + geom.tile_um)
+            if not any(intersects(box, r) for r in held.values()):
+                plan.append(("train", s.name, x, y))
+    return plan
+
+
+def prepare_dataset(
+    samples: Sequence[Sample],
+    out_dir: str | Path,
+    geometry: TileGeometry,
+    *,
+    n_genes: int | None = 25,
+    genes: Sequence[str] | None = None,
+    split: SplitSpec | None = None,
+    min_tissue_fraction: float = 0.5,
+    overwrite: bool = False,
+    progress: bool = True,
+    preview: bool = True,
+) -> Path:
+    """Tile samples into a prepared dataset folder (format in this module's docstring).
+
+    Returns the folder. Writes ``dataset.json``, ``tiles.csv``, the per-split arrays and
+    ``preview.png``. The normalisation is fitted on the training tiles only.
+    """
+    out_dir = Path(out_dir)
+    split = split or SplitSpec()
+    if not samples:
+        raise InputError("No samples given to prepare.")
+    if out_dir.exists() and not overwrite:
+        raise InputError(f"Output folder {out_dir} already exists; pass overwrite=True (--overwrite) to replace it.")
+    for s in samples:
+        if s.image is None:
+            raise InputError(f"Sample {s.name} has no image; Diff-ST needs the registered histology image.")
+        s.check_registration()
+    if len({s.name for s in samples}) != len(samples):
+        raise InputError("Sample names must be unique; give each sample its own name.")
+    plan = plan_tiles(samples, geometry, split)
+    held = [r for r in (split.test_region, split.val_region) if r is not None]
+    exclude = {s.name: held for s in samples if s.name not in split.test_samples + split.val_samples}
+    chosen = select_genes(samples, n_genes, genes, exclude)
+    by_name = {s.name: s for s in samples}
+    gene_idx = {s.name: s.gene_indices(chosen) for s in samples}
+
+    tiles: dict[str, list[TileArrays]] = {k: [] for k in SPLITS}
+    rows, skipped = [], 0
+    for which, name, x, y in tqdm(plan, desc="Preparing tiles", unit="tile", disable=not progress):
+        tile = make_tile(by_name[name], gene_idx[name], geometry.at(x, y))
+        if tile.tissue_fraction < min_tissue_fraction:
+            skipped += 1
+            continue
+        rows.append({"split": which, "index": len(tiles[which]), "sample": name, "x0_um": x, "y0_um": y,
+                     "x1_um": x + geometry.tile_um, "y1_um": y + geometry.tile_um, "n_counts": tile.n_transcripts,
+                     "tissue_fraction": round(tile.tissue_fraction, 4)})
+        tiles[which].append(tile)
+    if not rows:
+        raise InputError(
+            f"No tile has tissue (all {len(plan)} candidate tiles have less than {min_tissue_fraction:.0%} tissue). "
+            "Check that the image shows the tissue where the data are, or lower min_tissue_fraction."
+        )
+    _check_no_leak(rows)
+    has_hr = all(s.has_points for s in samples)
+    fit_source = tiles["train"] or tiles["val"] or tiles["test"]
+    if has_hr:
+        normaliser = LogScaleNormaliser.fit(np.stack([t.hr_counts for t in fit_source]), chosen)
+    else:
+        lr = np.stack([t.lr_counts for t in fit_source]) / float(geometry.scale**2)
+        normaliser = LogScaleNormaliser.fit(lr, chosen)
+    table = pd.DataFrame(rows)
+    table.insert(0, "tile_id", [f"{r['split']}_{r['index']:05d}" for r in rows])
+
+    tmp = out_dir.parent / f".{out_dir.name}.partial-{int(time.time() * 1000)}"
+    tmp.mkdir(parents=True)
+    try:
+        for which in SPLITS:
+            group = tiles[which]
+            if not group:
+                continue
+            folder = tmp / which
+            folder.mkdir()
+            np.save(folder / "lr_counts.npy", np.stack([t.lr_counts for t in group]).astype(np.float32))
+            np.save(folder / "lr_mask.npy", np.stack([t.lr_mask for t in group]))
+            if has_hr:
+                np.save(folder / "hr_counts.npy", np.stack([t.hr_counts for t in group]).astype(np.float32))
+            np.save(folder / "tissue.npy", np.stack([t.tissue for t in group]))
+            np.save(folder / "cells.npy", np.stack([t.cells for t in group]))
+            np.save(folder / "cell_entropy.npy", np.stack([t.cell_entropy for t in group]))
+        table.to_csv(tmp / "tiles.csv", index=False)
+        meta = {
+            "format": "diffst-prepared",
+            "format_version": FORMAT_VERSION,
+            "diffst_version": diffst.__version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "geometry": geometry.model_dump(exclude={"origin_um"}),
+            "genes": chosen,
+            "normaliser": normaliser.model_dump(),
+            "has_hr": has_hr,
+            "image_channels": int(samples[0].image.n_channels),
+            "split": split.model_dump(),
+            "n_tiles": {k: len(v) for k, v in tiles.items()},
+            "skipped_tiles_without_tissue": skipped,
+            "min_tissue_fraction": min_tissue_fraction,
+            "samples": [{"name": s.name, "platform": s.platform, "pixel_size_um": s.image.pixel_size_um,
+                         "meta": {k: str(v) for k, v in s.meta.items()}} for s in samples],
+        }
+        channels = {s.image.n_channels for s in samples}
+        if len(channels) > 1:
+            raise InputError(f"Samples mix images with {sorted(channels)} channels; use one kind of image per dataset.")
+        (tmp / "dataset.json").write_text(json.dumps(meta, indent=2))
+        if preview:
+            from diffst.plotting.preview import plot_tile_preview
+
+            best = max((t for g in tiles.values() for t in g), key=lambda t: t.n_transcripts)
+            plot_tile_preview(best, chosen, tmp / "preview.png", normaliser=None)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _check_no_leak(rows: list[dict]) -> None:
+    """No training tile may share area with a held-out tile of the same sample."""
+    boxes = lambda which: [(r["sample"], (r["x0_um"], r["y0_um"], r["x1_um"], r["y1_um"])) for r in rows if r["split"] == which]  # noqa: E731
+    held_out = boxes("val") + boxes("test")
+    for name, box in boxes("train"):
+        for other, held in held_out:
+            if name == other and intersects(box, held):
+                raise AssertionError(f"Training tile {box} overlaps held-out tile {held} of {name}: split bug.")
+
+
+def load_meta(path: str | Path) -> dict:
+    """Read and check ``dataset.json`` of a prepared dataset."""
+    path = Path(path)
+    meta_file = path / "dataset.json"
+    if not meta_file.exists():
+        raise InputError(f"{path} is not a prepared Diff-ST dataset (no dataset.json); run `diffst prepare` first.")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{meta_file} is corrupt ({exc}); prepare the dataset again.") from exc
+    if meta.get("format") != "diffst-prepared" or meta.get("format_version") != FORMAT_VERSION:
+        raise InputError(
+            f"{meta_file} has format {meta.get('format')} v{meta.get('format_version')}; this Diff-ST reads "
+            f"diffst-prepared v{FORMAT_VERSION}. Prepare the dataset again with this version."
+        )
+    return meta

@@ -1,0 +1,185 @@
+"""From a Sample to registered tiles: HR maps by binning, LR maps by block sums or rasterised spots,
+and the tile's histology as a tissue-level image plus cell-level patches with their entropy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from skimage.measure import shannon_entropy
+from skimage.transform import resize
+
+from diffst.data.geometry import TileGeometry
+from diffst.data.sample import Sample
+from diffst.errors import GeometryError, InputError
+
+
+def bin_points(
+    gene: np.ndarray, x_um: np.ndarray, y_um: np.ndarray, n_genes: int, origin_um: tuple[float, float],
+    bin_um: float, shape: tuple[int, int],
+) -> np.ndarray:
+    """Count points per gene in a grid of square bins.
+
+    Returns float32 (n_genes, rows, cols); points outside the grid are ignored. A point on a bin's
+    left/top edge belongs to that bin (half-open intervals), so adjacent grids never count it twice.
+    """
+    rows, cols = shape
+    col = np.floor((x_um - origin_um[0]) / bin_um).astype(np.int64)
+    row = np.floor((y_um - origin_um[1]) / bin_um).astype(np.int64)
+    inside = (col >= 0) & (col < cols) & (row >= 0) & (row < rows)
+    flat = (gene[inside].astype(np.int64) * rows + row[inside]) * cols + col[inside]
+    counts = np.bincount(flat, minlength=n_genes * rows * cols)
+    return counts.reshape(n_genes, rows, cols).astype(np.float32)
+
+
+def block_sum(hr: np.ndarray, scale: int) -> np.ndarray:
+    """Sum each s x s block of the last two axes: what a spot platform with s-times coarser bins measures."""
+    *lead, rows, cols = hr.shape
+    if rows % scale or cols % scale:
+        raise GeometryError(f"HR map {rows} x {cols} is not divisible by the scale factor {scale}.")
+    return hr.reshape(*lead, rows // scale, scale, cols // scale, scale).sum(axis=(-3, -1))
+
+
+@dataclass
+class TileArrays:
+    """All modalities of one tile (counts are raw, images uint8)."""
+
+    geometry: TileGeometry
+    lr_counts: np.ndarray  # (N, tile_lr, tile_lr)
+    lr_mask: np.ndarray  # (tile_lr, tile_lr) bool: LR bins that were measured
+    hr_counts: np.ndarray | None  # (N, tile_hr, tile_hr), None for spot-only data
+    tissue: np.ndarray  # (C, tissue_px, tissue_px) uint8
+    cells: np.ndarray  # (M, C, cell_px, cell_px) uint8
+    cell_entropy: np.ndarray  # (M,) float32
+    tissue_fraction: float
+    n_transcripts: int
+
+
+def tile_expression(sample: Sample, gene_idx: np.ndarray, geom: TileGeometry):
+    """HR and LR counts of the selected genes in a placed tile.
+
+    Point data: HR = binned transcripts, LR = s x s block sums of HR (pseudo-spots).
+    Spot data: no HR; LR = counts of the spots whose centres fall in each LR bin, with a mask of
+    the bins that hold a spot.
+    """
+    x0, y0, _, _ = geom.bounds_um()
+    n = len(gene_idx)
+    if sample.has_points:
+        tx = sample.transcripts
+        remap = np.full(len(sample.genes), -1, dtype=np.int64)
+        remap[gene_idx] = np.arange(n)
+        codes = remap[tx["gene"].to_numpy()]
+        keep = codes >= 0
+        hr = bin_points(codes[keep], tx["x_um"].to_numpy()[keep], tx["y_um"].to_numpy()[keep], n, (x0, y0),
+                        geom.hr_bin_um, (geom.tile_hr, geom.tile_hr))
+        lr = block_sum(hr, geom.scale)
+        return hr, lr, np.ones((geom.tile_lr, geom.tile_lr), dtype=bool)
+    spots = sample.spots
+    xy = spots.xy_um
+    col = np.floor((xy[:, 0] - x0) / geom.lr_bin_um).astype(np.int64)
+    row = np.floor((xy[:, 1] - y0) / geom.lr_bin_um).astype(np.int64)
+    inside = np.flatnonzero((col >= 0) & (col < geom.tile_lr) & (row >= 0) & (row < geom.tile_lr))
+    lr = np.zeros((n, geom.tile_lr, geom.tile_lr), dtype=np.float32)
+    mask = np.zeros((geom.tile_lr, geom.tile_lr), dtype=bool)
+    if len(inside):
+        sub = spots.counts[inside][:, gene_idx].toarray().astype(np.float32)
+        np.add.at(lr, (slice(None), row[inside], col[inside]), sub.T)
+        mask[row[inside], col[inside]] = True
+    return None, lr, mask
+
+
+def tile_histology(sample: Sample, geom: TileGeometry) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Tissue-level image, cell-level patches, patch entropies and the full-resolution tile image.
+
+    The tile is resampled to ``geom.image_pixel_um``; the tissue-level image is that, shrunk to
+    ``tissue_px``; the cell patches cut it into ``cell_grid`` x ``cell_grid`` squares, each shrunk to
+    ``cell_px``. Entropy (bits) is measured on each patch at full working resolution in 8-bit grey.
+    """
+    if sample.image is None:
+        raise InputError(f"Sample {sample.name} has no image; Diff-ST needs the registered histology image.")
+    x0, y0, _, _ = geom.bounds_um()
+    full = sample.image.read_region_um(x0, y0, geom.tile_um, geom.tile_um, geom.image_pixel_um)  # (C, H, W)
+    channels = full.shape[0]
+    hwc = np.moveaxis(full, 0, -1)
+    tissue = resize(hwc, (geom.tissue_px, geom.tissue_px, channels), order=1, anti_aliasing=True, preserve_range=True)
+    grey = (hwc.mean(axis=-1) * 255).astype(np.uint8)
+    side = full.shape[1] // geom.cell_grid
+    cells = np.empty((geom.n_cell_patches, channels, geom.cell_px, geom.cell_px), dtype=np.uint8)
+    entropy = np.empty(geom.n_cell_patches, dtype=np.float32)
+    for k in range(geom.n_cell_patches):
+        r, c = divmod(k, geom.cell_grid)
+        patch = hwc[r * side : (r + 1) * side, c * side : (c + 1) * side]
+        small = resize(patch, (geom.cell_px, geom.cell_px, channels), order=1, anti_aliasing=True, preserve_range=True)
+        cells[k] = np.moveaxis(_to_uint8(small), -1, 0)
+        entropy[k] = shannon_entropy(grey[r * side : (r + 1) * side, c * side : (c + 1) * side])
+    return np.moveaxis(_to_uint8(tissue), -1, 0), cells, entropy, full
+
+
+def _to_uint8(x: np.ndarray) -> np.ndarray:
+    return np.clip(np.round(x * 255), 0, 255).astype(np.uint8)
+
+
+def foreground_fraction(full: np.ndarray, is_rgb: bool) -> float:
+    """Fraction of a tile's pixels that show tissue: not white glass for H&E, signal for fluorescence."""
+    if is_rgb:
+        rgb = full[:3]
+        saturation = rgb.max(axis=0) - rgb.min(axis=0)
+        return float(((saturation > 0.06) | (rgb.mean(axis=0) < 0.75)).mean())
+    return float((full.max(axis=0) > 0.05).mean())
+
+
+def make_tile(sample: Sample, gene_idx: np.ndarray, geom: TileGeometry) -> TileArrays:
+    """All modalities of one placed tile; raises when the tile lies outside the image."""
+    x0, y0, x1, y1 = geom.bounds_um()
+    ix0, iy0, ix1, iy1 = sample.image.extent_um()
+    tol = sample.image.pixel_size_um
+    if x0 < ix0 - tol or y0 < iy0 - tol or x1 > ix1 + tol or y1 > iy1 + tol:
+        raise GeometryError(
+            f"Tile x {x0:.1f}-{x1:.1f} µm, y {y0:.1f}-{y1:.1f} µm of sample {sample.name} extends beyond its image "
+            f"(x {ix0:.1f}-{ix1:.1f}, y {iy0:.1f}-{iy1:.1f} µm). Place tiles inside the image."
+        )
+    hr, lr, mask = tile_expression(sample, gene_idx, geom)
+    tissue, cells, entropy, full = tile_histology(sample, geom)
+    if hr is not None:
+        occupied = (hr.sum(axis=0) > 0).mean()
+        fraction = float(max(occupied, foreground_fraction(full, sample.image.is_rgb)))
+        n_tx = int(hr.sum())
+    else:
+        fraction = foreground_fraction(full, sample.image.is_rgb)
+        n_tx = int(lr.sum())
+    return TileArrays(geom, lr, mask, hr, tissue, cells, entropy, fraction, n_tx)
+
+
+def plan_origins(
+    region_um: tuple[float, float, float, float], geom: TileGeometry, stride_um: float
+) -> list[tuple[float, float]]:
+    """Top-left corners of tiles that fit inside ``region_um`` (x0, y0, x1, y1) at ``stride_um``,
+    with a last row / column flush with the far edges so the region is covered."""
+    x0, y0, x1, y1 = region_um
+    size = geom.tile_um
+    if x1 - x0 < size - 1e-6 or y1 - y0 < size - 1e-6:
+        raise GeometryError(
+            f"Region {x1 - x0:.0f} x {y1 - y0:.0f} µm is smaller than one tile ({size:g} µm). "
+            "Use a smaller tile preset (e.g. --preset cpu) or a larger region."
+        )
+    if stride_um <= 0:
+        raise GeometryError(f"Tile stride must be positive microns, got {stride_um}.")
+
+    def starts(lo: float, hi: float) -> list[float]:
+        values = list(np.arange(lo, hi - size + 1e-6, stride_um))
+        if hi - size - values[-1] > 1e-6:
+            values.append(hi - size)
+        return [float(v) for v in values]
+
+    return [(x, y) for y in starts(y0, y1) for x in starts(x0, x1)]
+
+
+def intersects(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> bool:
+    """Whether two (x0, y0, x1, y1) rectangles share any area."""
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def inside(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> bool:
+    """Whether rectangle a lies within rectangle b."""
+    eps = 1e-6
+    return a[0] >= b[0] - eps and a[1] >= b[1] - eps and a[2] <= b[2] + eps and a[3] <= b[3] + eps
