@@ -16,6 +16,7 @@ Respaced DDPM and DDIM visit the same evenly spaced timesteps (from T-1 down to 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -170,7 +171,9 @@ def sample_dpmpp(
         final_sigmas_type="zero",
     )
     timesteps = np.linspace(0, T - 1, n + 1).round()[::-1][:-1].astype(np.int64)
-    sched.set_timesteps(timesteps=timesteps.tolist(), device=noise.device)
+    with warnings.catch_warnings():  # diffusers converts a torch tensor with np.array (numpy 2 deprecation)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        sched.set_timesteps(timesteps=timesteps.tolist(), device=noise.device)
     x = noise
     for t_int in _progress(sched.timesteps.tolist(), progress, "dpm++", n):
         t = _step_t(int(t_int), x)
