@@ -1,0 +1,84 @@
+"""Guided-DM: the guided-diffusion super-resolution U-Net, the paper's diffusion baseline.
+
+All conditions are concatenated to the noisy maps as input channels: the LR maps resampled onto the HR
+grid and the histology image resized to H x W. Cell patches are ignored.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from diffst.models.base import DenoiserOutput
+from diffst.models.config import ModelConfig
+from diffst.models.unet import ConditionalUNet, attention_levels_for
+
+__all__ = ["GuidedDMBaseline", "resample_lr"]
+
+
+def resample_lr(lr: Tensor, size: tuple[int, int]) -> Tensor:
+    """Resample LR maps (B, N, h, w) onto an HR grid of ``size`` with bicubic interpolation.
+
+    The LR tile is assumed to cover the same tissue extent as the HR tile; no integer scale factor
+    between them is assumed (the paper's LR is 26 x 26 for a 256 x 256 HR grid).
+    """
+    if tuple(lr.shape[-2:]) == tuple(size):
+        return lr
+    return F.interpolate(lr, size=size, mode="bicubic", align_corners=False)
+
+
+class GuidedDMBaseline(nn.Module):
+    """Guided-diffusion SR U-Net conditioned by concatenation.
+
+    Parameters
+    ----------
+    cfg
+        Model configuration; uses the backbone fields (channels, levels, attention, learn_sigma).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        in_channels = 2 * cfg.n_genes + cfg.image_channels
+        self.unet = ConditionalUNet(
+            in_channels=in_channels,
+            out_channels=cfg.out_channels,
+            base_channels=cfg.base_channels,
+            channel_mult=cfg.channel_mult,
+            num_res_blocks=cfg.num_res_blocks,
+            attention_levels=attention_levels_for(cfg.attention_resolutions, cfg.hr_size, len(cfg.channel_mult)),
+            num_heads=cfg.num_heads,
+            dropout=cfg.dropout,
+        )
+
+    def forward(
+        self,
+        x_t: Tensor,
+        t: Tensor,
+        *,
+        lr: Tensor,
+        tissue: Tensor,
+        cells: Tensor | None = None,
+        cell_entropy: Tensor | None = None,
+        entropy_threshold: float | None = None,
+    ) -> DenoiserOutput:
+        """Predict epsilon (and v) from x_t and the concatenated conditions.
+
+        Parameters
+        ----------
+        x_t
+            (B, N, H, W) noisy HR maps.
+        t
+            (B,) timesteps.
+        lr
+            (B, N, h, w) LR maps of the same tile.
+        tissue
+            (B, C, S, S) histology image in [0, 1].
+        cells, cell_entropy, entropy_threshold
+            Accepted for a uniform interface and ignored.
+        """
+        size = tuple(x_t.shape[-2:])
+        image = F.interpolate(tissue, size=size, mode="bilinear", align_corners=False, antialias=True)
+        inputs = torch.cat([x_t, resample_lr(lr, size), image * 2 - 1], dim=1)
+        return DenoiserOutput(prediction=self.unet(inputs, t))
