@@ -1,0 +1,91 @@
+"""Readers for spatial transcriptomics platforms; each returns a :class:`diffst.data.sample.Sample`.
+
+``read_sample(path)`` detects the platform from a folder's contents:
+
+* Xenium: ``transcripts.parquet`` / ``transcripts.csv.gz``;
+* Visium / Visium HD (Space Ranger ``outs/``): ``filtered_feature_bc_matrix.h5``, ``spatial/`` or
+  ``binned_outputs/``;
+* legacy ST (HER2ST layout): ``*_selection.tsv`` with a counts ``*.tsv(.gz)`` and an H&E image;
+* AnnData: an ``.h5ad`` file (needs ``image=`` and ``pixel_size_um=``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from diffst.errors import InputError
+from diffst.io.anndata_reader import read_anndata
+from diffst.io.image import SlideImage
+from diffst.io.legacy_st import find_legacy_st, read_legacy_st
+from diffst.io.visium import read_visium, write_visium
+from diffst.io.xenium import read_xenium
+
+__all__ = [
+    "SlideImage",
+    "detect_platform",
+    "find_legacy_st",
+    "read_anndata",
+    "read_legacy_st",
+    "read_sample",
+    "read_visium",
+    "read_xenium",
+    "write_visium",
+]
+
+
+def detect_platform(path: str | Path) -> str:
+    """Platform of a file or folder: "xenium", "visium", "legacy_st" or "anndata"; raises when unknown."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"Path not found: {path}.")
+    if path.is_file():
+        if path.suffix == ".h5ad":
+            return "anndata"
+        if path.name.startswith("transcripts.") and path.suffix in (".parquet", ".gz", ".csv"):
+            return "xenium"
+        raise InputError(f"Cannot tell the platform of file {path}; pass a folder, a transcripts file or an .h5ad.")
+    names = {p.name for p in path.iterdir()}
+    if names & {"transcripts.parquet", "transcripts.csv.gz", "transcripts.csv"}:
+        return "xenium"
+    outs = path / "outs" if "outs" in names and (path / "outs").is_dir() else path
+    outs_names = {p.name for p in outs.iterdir()}
+    if outs_names & {"filtered_feature_bc_matrix.h5", "binned_outputs"} or (
+        "spatial" in outs_names and (outs / "spatial" / "scalefactors_json.json").exists()
+    ):
+        return "visium"
+    if any(n.endswith(("_selection.tsv", "_selection.tsv.gz")) for n in names):
+        return "legacy_st"
+    h5ad = [n for n in names if n.endswith(".h5ad")]
+    if len(h5ad) == 1:
+        return "anndata"
+    raise InputError(
+        f"Cannot tell the platform of {path} (contents: {sorted(names)[:10]}). Expected a Xenium output folder "
+        "(transcripts.parquet), a Space Ranger outs/ folder (filtered_feature_bc_matrix.h5 + spatial/), a legacy ST "
+        "folder (<S>.tsv.gz, <S>_selection.tsv, H&E image) or an .h5ad file; or call the platform's reader directly."
+    )
+
+
+def read_sample(path: str | Path, **kw):
+    """Read a sample from ``path`` with the reader of the detected platform; ``kw`` go to that reader.
+
+    Returns
+    -------
+    Sample
+        What :func:`read_xenium`, :func:`read_visium`, :func:`read_legacy_st` or :func:`read_anndata` returns.
+    """
+    path = Path(path)
+    platform = detect_platform(path)
+    if platform == "xenium":
+        return read_xenium(path, **kw)
+    if platform == "visium":
+        return read_visium(path, **kw)
+    if platform == "legacy_st":
+        files = find_legacy_st(path)
+        files.update({k: kw.pop(k) for k in list(kw) if k in files})
+        return read_legacy_st(**files, **kw)
+    if path.is_dir():
+        path = next(p for p in path.iterdir() if p.name.endswith(".h5ad"))
+    missing = [k for k in ("image", "pixel_size_um") if k not in kw]
+    if missing:
+        raise InputError(f"Reading AnnData {path} needs {missing} (the registered image and its microns per pixel).")
+    return read_anndata(path, **kw)
