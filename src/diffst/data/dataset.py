@@ -85,7 +85,7 @@ class PreparedTiles(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         scale = self.geometry.scale
         lr = self.normaliser.lr_to_model(np.asarray(self.lr_counts[i], dtype=np.float32), scale)
-        mask = np.asarray(self.lr_mask[i])
+        mask = np.array(self.lr_mask[i])
         tissue = np.asarray(self.tissue[i], dtype=np.float32) / 255.0
         cells = np.asarray(self.cells[i], dtype=np.float32) / 255.0
         entropy = np.asarray(self.cell_entropy[i], dtype=np.float32)

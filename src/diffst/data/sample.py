@@ -9,13 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
 from diffst.errors import GeometryError, InputError
-from diffst.io.image import SlideImage
+
+if TYPE_CHECKING:  # io imports data.sample; only the type is needed here
+    from diffst.io.image import SlideImage
 
 
 @dataclass
