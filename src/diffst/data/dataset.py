@@ -84,14 +84,14 @@ class PreparedTiles(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         scale = self.geometry.scale
-        lr = self.normaliser.lr_to_model(np.asarray(self.lr_counts[i], dtype=np.float32), scale)
+        lr = self.normaliser.lr_to_model(np.array(self.lr_counts[i], dtype=np.float32), scale)
         mask = np.array(self.lr_mask[i])
         tissue = np.asarray(self.tissue[i], dtype=np.float32) / 255.0
         cells = np.asarray(self.cells[i], dtype=np.float32) / 255.0
-        entropy = np.asarray(self.cell_entropy[i], dtype=np.float32)
+        entropy = np.array(self.cell_entropy[i], dtype=np.float32)
         hr = None
         if self.has_hr:
-            hr = self.normaliser.to_model(np.asarray(self.hr_counts[i], dtype=np.float32))
+            hr = self.normaliser.to_model(np.array(self.hr_counts[i], dtype=np.float32))
         if self.augment:
             k, flip = DIHEDRAL[self._rng.integers(len(DIHEDRAL))]
             lr, mask, tissue = _transform(lr, k, flip), _transform(mask, k, flip), _transform(tissue, k, flip)

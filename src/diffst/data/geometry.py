@@ -9,14 +9,14 @@ sum of its HR map (Xenium pseudo-spots). The histology of the tile is resampled 
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, replace
 from typing import Literal
-
-from pydantic import BaseModel, ConfigDict, model_validator
 
 from diffst.errors import GeometryError
 
 
-class TileGeometry(BaseModel):
+@dataclass(frozen=True)
+class TileGeometry:
     """Gridding of one tile, in microns. Validated on construction.
 
     Attributes
@@ -39,8 +39,6 @@ class TileGeometry(BaseModel):
         (x, y) micron coordinates of the tile's top-left corner; None for a template.
     """
 
-    model_config = ConfigDict(frozen=True)
-
     hr_bin_um: float
     scale: int
     tile_lr: int
@@ -50,8 +48,9 @@ class TileGeometry(BaseModel):
     cell_px: int = 16
     origin_um: tuple[float, float] | None = None
 
-    @model_validator(mode="after")
-    def _check(self) -> TileGeometry:
+    def __post_init__(self) -> None:
+        if self.origin_um is not None:
+            object.__setattr__(self, "origin_um", (float(self.origin_um[0]), float(self.origin_um[1])))
         if not self.hr_bin_um > 0:
             raise GeometryError(f"hr_bin_um must be a positive size in microns, got {self.hr_bin_um}.")
         if self.scale < 1:
@@ -72,7 +71,6 @@ class TileGeometry(BaseModel):
             )
         if self.cell_grid < 1 or self.image_px // self.cell_grid < 1:
             raise GeometryError(f"cell_grid={self.cell_grid} patches per side do not fit a {self.image_px} px tile.")
-        return self
 
     # -------------------------------------------------------------------------------- derived sizes
     @property
@@ -101,7 +99,14 @@ class TileGeometry(BaseModel):
 
     def at(self, x_um: float, y_um: float) -> TileGeometry:
         """The same gridding placed with its top-left corner at (x_um, y_um)."""
-        return self.model_copy(update={"origin_um": (float(x_um), float(y_um))})
+        return replace(self, origin_um=(float(x_um), float(y_um)))
+
+    def to_dict(self, with_origin: bool = False) -> dict:
+        """Plain dict for JSON; ``TileGeometry(**d)`` restores it."""
+        d = asdict(self)
+        if not with_origin:
+            d.pop("origin_um")
+        return d
 
     def bounds_um(self) -> tuple[float, float, float, float]:
         """(x0, y0, x1, y1) of a placed tile."""

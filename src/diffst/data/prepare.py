@@ -215,7 +215,7 @@ def prepare_dataset(
             "format_version": FORMAT_VERSION,
             "diffst_version": diffst.__version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "geometry": geometry.model_dump(exclude={"origin_um"}),
+            "geometry": geometry.to_dict(),
             "genes": chosen,
             "normaliser": normaliser.model_dump(),
             "has_hr": has_hr,
