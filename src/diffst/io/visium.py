@@ -236,8 +236,7 @@ def _resolve_folder(outs_dir: Path, bin_size_um: int) -> tuple[Path, bool]:
                 f"Visium HD folder {binned} has no {folder.name}/ (found {found}); pass bin_size_um= one of those sizes."
             )
         return folder, True
-    hd = outs_dir.name.startswith("square_") or (outs_dir / "spatial" / "tissue_positions.parquet").exists()
-    return outs_dir, hd
+    return outs_dir, outs_dir.name.startswith("square_")
 
 
 def _find_first(folder: Path, names: Sequence[str]) -> Path | None:
@@ -315,7 +314,7 @@ def read_visium(
             f"No tissue_positions.parquet / tissue_positions.csv / tissue_positions_list.csv in {spatial}. {_LAYOUT_HELP}"
         )
     factors = read_scalefactors(spatial / "scalefactors_json.json")
-    hd = hd or "bin_size_um" in factors or positions_path.suffix == ".parquet"
+    hd = hd or "bin_size_um" in factors
 
     matrix = read_10x_h5(matrix_path)
     positions = read_tissue_positions(positions_path)
@@ -578,8 +577,8 @@ def write_visium(
     Returns
     -------
     dict
-        Paths written (``matrix``, ``positions``, ``scalefactors``, ``hires``, ``lowres``, ``fullres``)
-        and ``folder`` (what :func:`read_visium` reads) and ``scalefactors``.
+        Paths written (``matrix``, ``positions``, ``scalefactors``, ``hires``, ``lowres``, ``fullres``),
+        ``folder`` (what :func:`read_visium` reads) and ``scalefactors_values`` (the dict written).
     """
     from PIL import Image
 
