@@ -1,0 +1,407 @@
+"""Typed run configuration: one validated object describing a training run, loaded from YAML.
+
+A run configuration has the sections ``data``, ``model``, ``diffusion``, ``train`` and ``sampler`` plus
+``seed``, ``device`` and ``run_dir``. Every section rejects unknown keys, so a typo fails with a message
+naming the key. The ``model`` section is a preset name plus overrides of any
+:class:`~diffst.models.config.ModelConfig` field; :func:`resolve_config` turns it into the full model
+configuration (taking ``n_genes`` and ``image_channels`` from the prepared dataset) and makes paths
+absolute. The *resolved* configuration is the one saved with a run and inside every checkpoint; loading
+it again and resolving it gives the same object.
+
+Example
+-------
+.. code-block:: yaml
+
+    data: {path: prepared/xenium_cpu5, batch_size: 4}
+    model: {preset: cpu, base_channels: 16}
+    train: {steps: 2000, lr: 2.0e-4, ema_decay: 0.999}
+    run_dir: runs/xenium_cpu
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from diffst.diffusion.config import DiffusionConfig, SamplerConfig
+from diffst.errors import InputError
+from diffst.models.config import ModelConfig, model_preset
+
+__all__ = [
+    "ExampleDataConfig",
+    "DataConfig",
+    "ModelSpec",
+    "TrainConfig",
+    "RunConfig",
+    "ConfigError",
+    "load_config",
+    "parse_config",
+    "resolve_config",
+    "save_config",
+    "apply_overrides",
+]
+
+
+class ConfigError(InputError):
+    """A run configuration file or value is invalid; the message names the offending key."""
+
+
+class ExampleDataConfig(BaseModel):
+    """How to prepare the built-in Xenium example when ``data.path`` does not hold a prepared dataset yet.
+
+    Attributes
+    ----------
+    preset
+        Tile geometry preset of :func:`diffst.data.geometry.tile_preset` (``"cpu"`` or ``"paper"``).
+    scale
+        Super-resolution factor (LR bin / HR bin).
+    n_genes
+        Number of top genes kept.
+    train_stride_um
+        Stride between training tiles in µm (overlapping tiles give more training data).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    preset: str = "cpu"
+    scale: int = Field(5, ge=1)
+    n_genes: int = Field(25, ge=1)
+    train_stride_um: float | None = Field(20.0, gt=0)
+
+
+class DataConfig(BaseModel):
+    """Where the training tiles come from and how they are batched.
+
+    Attributes
+    ----------
+    path
+        Folder of a prepared dataset (``diffst prepare`` / :func:`diffst.data.prepare.prepare_dataset`).
+    train_split, val_split
+        Split names. Validation uses ``val_split`` when the dataset has it; the test split is never used
+        for validation or model selection (it is rejected here).
+    augment
+        Random square symmetries (flips and 90-degree turns) of training tiles. The draw is a deterministic
+        function of (seed, epoch, tile), so an interrupted run resumes with identical augmentations.
+    batch_size
+        Tiles per step *per process*; the effective batch is ``batch_size * world_size``.
+    num_workers
+        DataLoader worker processes (0 loads in the main process).
+    subset
+        Optional list of training-tile indices to train on (e.g. ``[0]`` to overfit one tile).
+    example
+        If given and ``path`` holds no prepared dataset, the built-in example is prepared there first.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str
+    train_split: Literal["train", "val", "test"] = "train"
+    val_split: Literal["train", "val", "test"] | None = "val"
+    augment: bool = True
+    batch_size: int = Field(4, ge=1)
+    num_workers: int = Field(0, ge=0)
+    subset: list[int] | None = None
+    example: ExampleDataConfig | None = None
+
+    @model_validator(mode="after")
+    def _no_test_for_training(self) -> DataConfig:
+        if self.train_split == "test" or self.val_split == "test":
+            raise ValueError(
+                "the test split may not be used for training or validation (model selection on test data "
+                "biases the evaluation); use 'train' and 'val'"
+            )
+        if self.val_split == self.train_split:
+            raise ValueError(f"val_split={self.val_split!r} equals train_split; use a held-out split or null")
+        if self.subset is not None and (not self.subset or min(self.subset) < 0):
+            raise ValueError(f"subset must be a non-empty list of tile indices >= 0, got {self.subset}")
+        return self
+
+
+_MODEL_FIELDS = set(ModelConfig.model_fields)
+
+
+class ModelSpec(BaseModel):
+    """The denoiser: a preset plus overrides of any :class:`~diffst.models.config.ModelConfig` field.
+
+    ``preset: cpu`` or ``preset: paper`` starts from :func:`~diffst.models.config.model_preset`;
+    ``preset: null`` starts from the ``ModelConfig`` defaults. ``n_genes`` and ``image_channels`` are
+    taken from the dataset when not given (and checked against it when given). A resolved spec has
+    ``preset: null`` and lists every field.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    preset: Literal["paper", "cpu"] | None = "cpu"
+
+    @model_validator(mode="after")
+    def _check_overrides(self) -> ModelSpec:
+        unknown = sorted(set(self.overrides) - _MODEL_FIELDS)
+        if unknown:
+            raise ValueError(
+                f"unknown model field(s) {unknown}; valid fields are 'preset' and {sorted(_MODEL_FIELDS)}"
+            )
+        # Validate the values now, so a bad one fails at load time with its name.
+        try:
+            self.build()
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'model'}: {e['msg']} (got {e.get('input')!r})"
+                for e in exc.errors()
+            )
+            raise ValueError(problems) from None
+        return self
+
+    @property
+    def overrides(self) -> dict[str, Any]:
+        """The ModelConfig fields given explicitly."""
+        return dict(self.model_extra or {})
+
+    def build(self, n_genes: int | None = None, image_channels: int | None = None) -> ModelConfig:
+        """The ModelConfig this spec describes, for a dataset with ``n_genes`` genes and ``image_channels``."""
+        values = self.overrides
+        for key, actual in (("n_genes", n_genes), ("image_channels", image_channels)):
+            if actual is None:
+                continue
+            given = values.get(key)
+            if given is not None and int(given) != int(actual):
+                raise ConfigError(f"model.{key}={given} but the dataset has {actual}; remove model.{key} or fix it")
+            values[key] = actual
+        if self.preset is None:
+            return ModelConfig(**values)
+        return model_preset(
+            self.preset,
+            n_genes=values.pop("n_genes", 25),
+            image_channels=values.pop("image_channels", 3),
+            **values,
+        )
+
+
+class TrainConfig(BaseModel):
+    """Optimisation, logging and checkpointing.
+
+    Attributes
+    ----------
+    steps, epochs
+        Length of training: exactly one of them (an epoch is one pass over the training tiles, sharded
+        over the processes).
+    lr, betas, eps, weight_decay
+        AdamW settings (paper: 1e-4, (0.9, 0.999), 1e-8, 1e-5).
+    grad_clip
+        Maximum global gradient norm (``null``: no clipping).
+    ema_decay
+        Decay of the exponential moving average of the weights (paper / guided-diffusion: 0.9999; use
+        e.g. 0.99-0.999 for runs of a few thousand steps).
+    ema_warmup
+        Use ``min(ema_decay, (1 + n) / (10 + n))`` at update n, so the average is useful early on.
+    disentangle_weight
+        Weight of the model's disentangling loss (paper code: 0.01).
+    curriculum
+        Curriculum patch selection: the entropy threshold gamma rises with training progress.
+    curriculum_milestones, curriculum_quantiles
+        Schedule of gamma (see :func:`diffst.models.histology.curriculum_threshold`).
+    mixed_precision
+        ``"no"``, ``"fp16"`` or ``"bf16"`` (passed to Accelerate).
+    log_every
+        Steps between progress-bar / TensorBoard updates (the metrics CSV gets every step).
+    val_every
+        Steps between validation passes (also run at the end); 0 disables validation.
+    val_batches
+        Maximum number of validation batches per pass (``null``: the whole split).
+    checkpoint_every
+        Steps between checkpoints (a final one is always written).
+    keep_last
+        Number of most recent checkpoints kept on disk.
+    tensorboard
+        Also write TensorBoard events when ``tensorboard`` is installed.
+    find_unused_parameters
+        Passed to DistributedDataParallel (needed only if some weights get no gradient).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int | None = Field(None, ge=1)
+    epochs: int | None = Field(None, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(1e-5, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    ema_decay: float = Field(0.9999, ge=0, lt=1)
+    ema_warmup: bool = False
+    disentangle_weight: float = Field(0.01, ge=0)
+    curriculum: bool = True
+    curriculum_milestones: tuple[float, ...] = (0.25, 0.5)
+    curriculum_quantiles: tuple[float, ...] = (0.0, 0.5, 0.75)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    log_every: int = Field(10, ge=1)
+    val_every: int = Field(500, ge=0)
+    val_batches: int | None = Field(None, ge=1)
+    checkpoint_every: int = Field(1000, ge=1)
+    keep_last: int = Field(3, ge=1)
+    tensorboard: bool = True
+    find_unused_parameters: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError(f"give exactly one of steps or epochs (got steps={self.steps}, epochs={self.epochs})")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must lie in [0, 1), got {self.betas}")
+        if len(self.curriculum_quantiles) != len(self.curriculum_milestones) + 1:
+            raise ValueError("curriculum_quantiles needs exactly one more entry than curriculum_milestones")
+        return self
+
+
+class RunConfig(BaseModel):
+    """Everything that defines a training run.
+
+    Attributes
+    ----------
+    data, model, diffusion, train, sampler
+        The sections (see :class:`DataConfig`, :class:`ModelSpec`, ``DiffusionConfig``,
+        :class:`TrainConfig`, ``SamplerConfig``; the sampler is used by inference and validation previews).
+    seed
+        Seeds weights, data order, augmentation, timesteps and noise (per process, reproducibly).
+    device
+        ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
+    run_dir
+        Folder for the resolved config, metrics, logs and checkpoints.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: DataConfig
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
+    train: TrainConfig
+    sampler: SamplerConfig = Field(default_factory=lambda: SamplerConfig(method="ddpm", steps=20))
+    seed: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    run_dir: str
+
+    @model_validator(mode="after")
+    def _check_sigma(self) -> RunConfig:
+        given = self.model.overrides.get("learn_sigma")
+        if given is not None and bool(given) != self.diffusion.learn_sigma:
+            raise ValueError(
+                f"model.learn_sigma={given} disagrees with diffusion.learn_sigma={self.diffusion.learn_sigma}; "
+                "set only diffusion.learn_sigma"
+            )
+        return self
+
+    def model_config_resolved(self) -> ModelConfig:
+        """The full ModelConfig of a resolved run configuration (see :func:`resolve_config`)."""
+        return self.model.build()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON/YAML-serialisable dict (model overrides inlined into ``model``)."""
+        return json.loads(self.model_dump_json())
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "<top level>"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (typo?)"
+        value = err.get("input")
+        shown = "" if err["type"] in ("extra_forbidden", "missing") or isinstance(value, dict) else f" (got {value!r})"
+        lines.append(f"  {loc}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict[str, Any], source: str = "<dict>") -> RunConfig:
+    """Validate a plain dict as a :class:`RunConfig`; errors name every bad key and value.
+
+    Raises
+    ------
+    ConfigError
+        With one line per problem, e.g. ``train.lr: Input should be greater than 0 (got -1)``.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the configuration must be a mapping of sections, got {type(data).__name__}")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None
+    except (ValueError, TypeError) as exc:  # raised by a nested build (e.g. model_preset)
+        raise ConfigError(f"invalid configuration in {source}: {exc}") from None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Apply ``"section.key=value"`` overrides (values parsed as YAML) to a raw config dict, in place."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        dotted, raw = item.split("=", 1)
+        keys = dotted.strip().split(".")
+        node = data
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {key} is not a section")
+        node[keys[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a run configuration from a YAML (or JSON) file.
+
+    Parameters
+    ----------
+    path
+        The file.
+    overrides
+        Optional ``"section.key=value"`` strings applied on top of the file (e.g. ``"train.steps=10"``).
+
+    Raises
+    ------
+    ConfigError
+        If the file is missing, not valid YAML, or has unknown keys or bad values (each named).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if isinstance(data, dict):
+        apply_overrides(data, overrides)
+    return parse_config(data, str(path))
+
+
+def resolve_config(cfg: RunConfig, n_genes: int, image_channels: int) -> RunConfig:
+    """The fully explicit configuration of a run on a dataset with ``n_genes`` and ``image_channels``.
+
+    The model preset is expanded into every ``ModelConfig`` field (``preset: null``), ``learn_sigma``
+    follows ``diffusion.learn_sigma``, and ``data.path`` / ``run_dir`` become absolute. Resolving a
+    resolved configuration returns an equal one.
+    """
+    spec = cfg.model
+    overrides = spec.overrides
+    overrides.setdefault("learn_sigma", cfg.diffusion.learn_sigma)
+    spec = ModelSpec(preset=spec.preset, **overrides)
+    model_cfg = spec.build(n_genes=n_genes, image_channels=image_channels)
+    data = cfg.to_dict()
+    data["model"] = {"preset": None, **json.loads(model_cfg.model_dump_json())}
+    data["data"]["path"] = str(Path(cfg.data.path).expanduser().resolve())
+    data["run_dir"] = str(Path(cfg.run_dir).expanduser().resolve())
+    return parse_config(data, "<resolved config>")
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> Path:
+    """Write ``cfg`` as YAML (``.yaml``/``.yml``) or JSON (otherwise); returns the path."""
+    path = Path(path)
+    data = cfg.to_dict()
+    if path.suffix in (".yaml", ".yml"):
+        text = yaml.safe_dump(data, sort_keys=False)
+    else:
+        text = json.dumps(data, indent=2)
+    path.write_text(text)
+    return path

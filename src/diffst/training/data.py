@@ -1,0 +1,124 @@
+"""Deterministic, resumable data order for training.
+
+Every random choice of the training input pipeline is a pure function of the run seed and the position
+in training, never of hidden generator state, so a run resumed from a checkpoint sees exactly the batches
+(and augmentations) an uninterrupted run would have seen:
+
+* the tile order of an epoch is a permutation drawn from ``(seed, epoch)``; it is padded by wrapping to a
+  multiple of the number of processes and dealt round-robin, so every process gets the same number of
+  batches and a disjoint share of the epoch (up to the padding);
+* resuming at step ``s`` means epoch ``s // steps_per_epoch``, skipping the first
+  ``s % steps_per_epoch`` batches of it (without loading them);
+* the augmentation of a tile is drawn from ``(seed, epoch, tile)``;
+* timesteps, noise and dropout of a step are drawn from ``(seed, rank, step)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = ["derive_seed", "EpochOrder", "SeededTiles", "make_loader", "STREAM_ORDER", "STREAM_AUGMENT",
+           "STREAM_NOISE", "STREAM_TORCH", "STREAM_VAL"]
+
+# Independent random streams (the first word of every derived seed after the run seed).
+STREAM_ORDER, STREAM_AUGMENT, STREAM_NOISE, STREAM_TORCH, STREAM_VAL = 1, 2, 3, 4, 5
+
+
+def derive_seed(seed: int, *words: int) -> int:
+    """A 63-bit seed that depends on the run ``seed`` and any number of integers (e.g. stream, rank, step).
+
+    Uses numpy's ``SeedSequence``, so nearby inputs give statistically independent streams.
+    """
+    state = np.random.SeedSequence([int(seed), *(int(w) for w in words)]).generate_state(2, dtype=np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1])) & (2**63 - 1)
+
+
+class EpochOrder:
+    """Which tiles each process loads at each step.
+
+    Parameters
+    ----------
+    tiles
+        Dataset indices of the training tiles (all of them, or a subset).
+    batch_size
+        Tiles per batch per process.
+    world_size, rank
+        Number of processes and this one's index.
+    seed
+        Run seed.
+    shuffle
+        Draw a new permutation per epoch (otherwise keep ``tiles`` order).
+    """
+
+    def __init__(
+        self, tiles: Sequence[int], batch_size: int, world_size: int = 1, rank: int = 0, seed: int = 0,
+        shuffle: bool = True,
+    ):
+        if not tiles:
+            raise ValueError("no training tiles")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
+        self.tiles = [int(i) for i in tiles]
+        self.batch_size = int(batch_size)
+        self.world_size = int(world_size)
+        self.rank = int(rank)
+        self.seed = int(seed)
+        self.shuffle = shuffle
+        self.per_rank = math.ceil(len(self.tiles) / self.world_size)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Batches per epoch on every process (the last one may be smaller)."""
+        return math.ceil(self.per_rank / self.batch_size)
+
+    def epoch_tiles(self, epoch: int) -> list[int]:
+        """This process's tiles of ``epoch``, in order."""
+        n = len(self.tiles)
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(derive_seed(self.seed, STREAM_ORDER, epoch))
+            perm = torch.randperm(n, generator=gen).tolist()
+        else:
+            perm = list(range(n))
+        total = self.per_rank * self.world_size
+        perm = (perm * math.ceil(total / n))[:total]
+        return [self.tiles[p] for p in perm[self.rank :: self.world_size]]
+
+    def batches(self, epoch: int, start: int = 0) -> list[list[tuple[int, int]]]:
+        """Batches of ``(epoch, tile)`` keys of ``epoch``, skipping the first ``start`` batches."""
+        mine = self.epoch_tiles(epoch)
+        out = [
+            [(epoch, t) for t in mine[b : b + self.batch_size]] for b in range(0, len(mine), self.batch_size)
+        ]
+        return out[start:]
+
+
+class SeededTiles(Dataset):
+    """A view of a ``PreparedTiles`` dataset indexed by ``(epoch, tile)`` keys.
+
+    Before loading a tile, the dataset's augmentation generator is re-seeded from ``(seed, epoch, tile)``,
+    so the augmentation does not depend on loading order, DataLoader workers or interruptions.
+    """
+
+    def __init__(self, base: Dataset, seed: int):
+        self.base = base
+        self.seed = int(seed)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
+        epoch, tile = key
+        if getattr(self.base, "augment", False):
+            # PreparedTiles draws its symmetry from ``_rng``; re-seed it for this (epoch, tile).
+            self.base._rng = np.random.default_rng([self.seed, STREAM_AUGMENT, int(epoch), int(tile)])
+        return self.base[int(tile)]
+
+
+def make_loader(view: SeededTiles, batches: list[list[tuple[int, int]]], num_workers: int) -> DataLoader:
+    """A DataLoader over exactly ``batches`` (lists of ``(epoch, tile)`` keys), in order."""
+    return DataLoader(view, batch_sampler=batches, num_workers=num_workers, pin_memory=torch.cuda.is_available())
