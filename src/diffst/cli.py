@@ -12,6 +12,11 @@ from diffst.errors import DiffSTError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Diff-ST: super-resolved spatial transcriptomics.")
 
 
+@app.callback()
+def _root() -> None:
+    """Diff-ST: super-resolved spatial transcriptomics from spots and histology."""
+
+
 def _floats(text: str | None, n: int, what: str) -> tuple[float, ...] | None:
     if text is None:
         return None
@@ -85,12 +90,15 @@ def _read_inputs(inputs, example, platform, image, pixel_size, origin):
         return [load_example()]
     if not inputs:
         raise typer.BadParameter("Give at least one sample path, or --example for the built-in data.")
-    from diffst.io import read_sample
+    from diffst import io
 
-    kwargs = {"image": image, "pixel_size_um": pixel_size}
-    if origin is not None:
-        kwargs["image_origin_um"] = origin
-    return [read_sample(p, platform=platform, **{k: v for k, v in kwargs.items() if v is not None}) for p in inputs]
+    kwargs = {"image": image, "pixel_size_um": pixel_size, "image_origin_um": origin}
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    readers = {"auto": io.read_sample, "xenium": io.read_xenium, "visium": io.read_visium,
+               "visium_hd": io.read_visium, "legacy_st": io.read_sample, "anndata": io.read_anndata}
+    if platform not in readers:
+        raise typer.BadParameter(f"Unknown platform '{platform}'; choose one of {sorted(readers)}.")
+    return [readers[platform](p, **kwargs) for p in inputs]
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -225,6 +225,7 @@ def prepare_dataset(
             "skipped_tiles_without_tissue": skipped,
             "min_tissue_fraction": min_tissue_fraction,
             "samples": [{"name": s.name, "platform": s.platform, "pixel_size_um": s.image.pixel_size_um,
+                         "um_to_px": s.image.um_to_px.tolist(),
                          "meta": {k: str(v) for k, v in s.meta.items()}} for s in samples],
         }
         channels = {s.image.n_channels for s in samples}

@@ -154,7 +154,8 @@ class Sample:
                 f"{frac_out:.0%} of the {'transcripts' if self.has_points else 'spots'} of sample {self.name} fall "
                 f"outside its image: data span x {ex[0]:.0f}-{ex[2]:.0f} µm, y {ex[1]:.0f}-{ex[3]:.0f} µm, but the "
                 f"image covers x {x0:.0f}-{x1:.0f} µm, y {y0:.0f}-{y1:.0f} µm at {self.image.pixel_size_um:g} µm/px. "
-                "Check the pixel size (full-resolution vs hires/lowres image scale factor) and the image origin."
+                "Check the pixel size (full-resolution vs hires/lowres image scale factor) and the image origin "
+                "(image_origin_um / --image-origin for cropped Xenium images)."
             )
         if self.spots is not None and self.spots.pitch_um and len(xy) > 3:
             from scipy.spatial import cKDTree

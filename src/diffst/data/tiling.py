@@ -7,11 +7,11 @@ from dataclasses import dataclass
 
 import numpy as np
 from skimage.measure import shannon_entropy
-from skimage.transform import resize
 
 from diffst.data.geometry import TileGeometry
 from diffst.data.sample import Sample
 from diffst.errors import GeometryError, InputError
+from diffst.io.image import resample_area
 
 
 def bin_points(
@@ -101,7 +101,7 @@ def tile_histology(sample: Sample, geom: TileGeometry) -> tuple[np.ndarray, np.n
     full = sample.image.read_region_um(x0, y0, geom.tile_um, geom.tile_um, geom.image_pixel_um)  # (C, H, W)
     channels = full.shape[0]
     hwc = np.moveaxis(full, 0, -1)
-    tissue = resize(hwc, (geom.tissue_px, geom.tissue_px, channels), order=1, anti_aliasing=True, preserve_range=True)
+    tissue = resample_area(hwc, geom.tissue_px, geom.tissue_px)
     grey = (hwc.mean(axis=-1) * 255).astype(np.uint8)
     side = full.shape[1] // geom.cell_grid
     cells = np.empty((geom.n_cell_patches, channels, geom.cell_px, geom.cell_px), dtype=np.uint8)
@@ -109,7 +109,7 @@ def tile_histology(sample: Sample, geom: TileGeometry) -> tuple[np.ndarray, np.n
     for k in range(geom.n_cell_patches):
         r, c = divmod(k, geom.cell_grid)
         patch = hwc[r * side : (r + 1) * side, c * side : (c + 1) * side]
-        small = resize(patch, (geom.cell_px, geom.cell_px, channels), order=1, anti_aliasing=True, preserve_range=True)
+        small = resample_area(patch, geom.cell_px, geom.cell_px)
         cells[k] = np.moveaxis(_to_uint8(small), -1, 0)
         entropy[k] = shannon_entropy(grey[r * side : (r + 1) * side, c * side : (c + 1) * side])
     return np.moveaxis(_to_uint8(tissue), -1, 0), cells, entropy, full
@@ -154,7 +154,7 @@ def plan_origins(
     region_um: tuple[float, float, float, float], geom: TileGeometry, stride_um: float
 ) -> list[tuple[float, float]]:
     """Top-left corners of tiles that fit inside ``region_um`` (x0, y0, x1, y1) at ``stride_um``,
-    with a last row / column flush with the far edges so the region is covered."""
+    plus a last row / column as close to the far edges as the HR grid allows (within one HR bin)."""
     x0, y0, x1, y1 = region_um
     size = geom.tile_um
     if x1 - x0 < size - 1e-6 or y1 - y0 < size - 1e-6:
@@ -164,11 +164,18 @@ def plan_origins(
         )
     if stride_um <= 0:
         raise GeometryError(f"Tile stride must be positive microns, got {stride_um}.")
+    if abs(stride_um / geom.hr_bin_um - round(stride_um / geom.hr_bin_um)) > 1e-6:
+        raise GeometryError(
+            f"Tile stride {stride_um:g} µm is not a multiple of the HR bin ({geom.hr_bin_um:g} µm); overlapping tiles "
+            "would not share bins. Use a multiple of the HR bin."
+        )
 
     def starts(lo: float, hi: float) -> list[float]:
         values = list(np.arange(lo, hi - size + 1e-6, stride_um))
-        if hi - size - values[-1] > 1e-6:
-            values.append(hi - size)
+        # The flush tile snaps to the HR grid anchored at lo, so overlapping tiles share bins.
+        last = lo + np.floor((hi - size - lo) / geom.hr_bin_um + 1e-9) * geom.hr_bin_um
+        if last - values[-1] > 1e-6:
+            values.append(last)
         return [float(v) for v in values]
 
     return [(x, y) for y in starts(y0, y1) for x in starts(x0, x1)]

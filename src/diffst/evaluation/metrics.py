@@ -1,0 +1,61 @@
+"""Metrics: honest ones (signed Pearson r, errors in counts and in model space) and the paper's
+protocol (per-tile, per-gene min-max scaling to [0, 1], RMSE there and |r|), side by side."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def pearson_per_map(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """Signed Pearson r between matching maps over their last two axes; NaN where a map is constant."""
+    p = pred.reshape(*pred.shape[:-2], -1).astype(np.float64)
+    t = true.reshape(*true.shape[:-2], -1).astype(np.float64)
+    p = p - p.mean(axis=-1, keepdims=True)
+    t = t - t.mean(axis=-1, keepdims=True)
+    denom = np.sqrt((p * p).sum(axis=-1) * (t * t).sum(axis=-1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom > 0, (p * t).sum(axis=-1) / denom, np.nan)
+
+
+def _minmax(x: np.ndarray) -> np.ndarray:
+    lo = x.min(axis=(-2, -1), keepdims=True)
+    hi = x.max(axis=(-2, -1), keepdims=True)
+    return np.where(hi > lo, (x - lo) / np.where(hi > lo, hi - lo, 1.0), 0.0)
+
+
+def evaluate_maps(pred_counts: np.ndarray, true_counts: np.ndarray, normaliser=None) -> dict[str, float]:
+    """Compare predicted and observed HR counts of shape (tiles, genes, H, W).
+
+    Returns
+    -------
+    dict with
+      ``pcc``: mean over tiles and genes of the signed Pearson r of each map (NaN maps skipped);
+      ``pcc_pooled``: mean over genes of r over all bins of all tiles;
+      ``rmse_counts``: RMSE in counts per HR bin;
+      ``rmse_model``: RMSE in the normaliser's model space (when a normaliser is given);
+      ``paper_rmse`` / ``paper_abs_pcc``: the paper's protocol (per-tile per-gene min-max to [0, 1], |r|).
+    """
+    pred = np.asarray(pred_counts, dtype=np.float64)
+    true = np.asarray(true_counts, dtype=np.float64)
+    if pred.shape != true.shape:
+        raise ValueError(f"Prediction shape {pred.shape} differs from ground truth {true.shape}.")
+    r = pearson_per_map(pred, true)
+    pooled = pearson_per_map(np.moveaxis(pred, 1, 0).reshape(pred.shape[1], 1, -1),
+                             np.moveaxis(true, 1, 0).reshape(true.shape[1], 1, -1))
+    out = {
+        "pcc": float(np.nanmean(r)),
+        "pcc_pooled": float(np.nanmean(pooled)),
+        "rmse_counts": float(np.sqrt(np.mean((pred - true) ** 2))),
+        "paper_rmse": float(np.sqrt(np.mean((_minmax(pred) - _minmax(true)) ** 2))),
+        "paper_abs_pcc": float(np.nanmean(np.abs(r))),
+    }
+    if normaliser is not None:
+        pm = normaliser.to_model(pred.astype(np.float32))
+        tm = normaliser.to_model(true.astype(np.float32))
+        out["rmse_model"] = float(np.sqrt(np.mean((pm - tm) ** 2)))
+    return out
+
+
+def per_gene_pcc(pred_counts: np.ndarray, true_counts: np.ndarray) -> np.ndarray:
+    """Signed r per gene, averaged over tiles: shape (genes,)."""
+    return np.nanmean(pearson_per_map(np.asarray(pred_counts), np.asarray(true_counts)), axis=0)
