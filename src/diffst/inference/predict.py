@@ -1,0 +1,188 @@
+"""Prediction: sample HR maps for prepared tiles, bring them back to counts, stitch tiles into one
+grid per sample and write AnnData (one row per HR bin)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from diffst.data.dataset import PreparedTiles
+from diffst.diffusion.config import SamplerConfig
+from diffst.diffusion.process import GaussianDiffusion
+from diffst.diffusion.samplers import sample_k
+
+
+@dataclass
+class TilePredictions:
+    """Per-tile predictions of one split, in counts per HR bin.
+
+    mean: (T, N, H, W) mean over the K samples; std: (T, N, H, W) their standard deviation
+    (zeros when K = 1); samples_model: (K, T, N, H, W) raw samples in model space.
+    """
+
+    mean: np.ndarray
+    std: np.ndarray
+    samples_model: np.ndarray
+
+
+def conditions(batch: dict[str, torch.Tensor], device: torch.device, entropy_threshold: float | None) -> dict:
+    """The model's keyword conditions from a dataset batch."""
+    return {
+        "lr": batch["lr"].to(device),
+        "tissue": batch["tissue"].to(device),
+        "cells": batch["cells"].to(device),
+        "cell_entropy": batch["cell_entropy"].to(device),
+        "entropy_threshold": entropy_threshold,
+    }
+
+
+@torch.no_grad()
+def predict_tiles(
+    model: torch.nn.Module,
+    diffusion: GaussianDiffusion,
+    dataset: PreparedTiles,
+    sampler: SamplerConfig,
+    *,
+    entropy_threshold: float | None = None,
+    batch_size: int = 4,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> TilePredictions:
+    """Draw ``sampler.num_samples`` HR samples for every tile of ``dataset``.
+
+    Tiles are processed in batches; the noise of batch b comes from a generator seeded with
+    (seed, b), so results do not depend on what else runs and are reproducible from the seed.
+    """
+    device = torch.device(device)
+    model.eval()
+    n = len(dataset)
+    geom = dataset.geometry
+    shape_hr = (len(dataset.genes), geom.tile_hr, geom.tile_hr)
+    k = max(1, sampler.num_samples)
+    samples = np.empty((k, n, *shape_hr), dtype=np.float32)
+    batches = range(0, n, batch_size)
+    for b, start in enumerate(tqdm(batches, desc=f"Sampling ({sampler.method}, {sampler.steps or 'all'} steps, K={k})",
+                                   unit="batch", disable=not progress)):
+        idx = list(range(start, min(start + batch_size, n)))
+        batch = torch.utils.data.default_collate([dataset[i] for i in idx])
+        cond = conditions(batch, device, entropy_threshold)
+
+        def model_fn(x, t, cond=cond):
+            return model(x, t, **cond).prediction
+
+        generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + b)
+        _, _, drawn = sample_k(model_fn, (len(idx), *shape_hr), diffusion, method=sampler.method, steps=sampler.steps,
+                               k=k, generator=generator, device=device, clip=sampler.clip, **_eta(sampler))
+        samples[:, start : start + len(idx)] = drawn.float().cpu().numpy()
+    counts = dataset.normaliser.to_counts(samples)
+    mean = counts.mean(axis=0)
+    std = counts.std(axis=0, ddof=1) if k > 1 else np.zeros_like(mean)
+    return TilePredictions(mean=mean, std=std, samples_model=samples)
+
+
+def _eta(sampler: SamplerConfig) -> dict:
+    return {"eta": sampler.eta} if sampler.method == "ddim" else {}
+
+
+def stitch(tiles: pd.DataFrame, maps: dict[str, np.ndarray], hr_bin_um: float) -> pd.DataFrame | None:
+    """Average overlapping tiles of one sample onto its HR grid.
+
+    ``tiles`` has x0_um / y0_um per tile; ``maps`` holds arrays (T, N, H, W) to stitch (a ``std``
+    entry is combined as the root of the mean variance). Returns a long table with one row per
+    covered bin: ``row``, ``col``, ``x_um``, ``y_um`` (bin centre) and, per map, an (n, N) array
+    under ``attrs``.
+    """
+    gx0, gy0 = tiles["x0_um"].min(), tiles["y0_um"].min()
+    first = next(iter(maps.values()))
+    _, n_genes, h, w = first.shape
+    offs_c = np.round((tiles["x0_um"].to_numpy() - gx0) / hr_bin_um).astype(int)
+    offs_r = np.round((tiles["y0_um"].to_numpy() - gy0) / hr_bin_um).astype(int)
+    grid_h, grid_w = offs_r.max() + h, offs_c.max() + w
+    count = np.zeros((grid_h, grid_w))
+    sums = {k: np.zeros((n_genes, grid_h, grid_w)) for k in maps}
+    for j, (r, c) in enumerate(zip(offs_r, offs_c, strict=True)):
+        count[r : r + h, c : c + w] += 1
+        for key, arr in maps.items():
+            value = arr[j] ** 2 if key == "std" else arr[j]
+            sums[key][:, r : r + h, c : c + w] += value
+    rows, cols = np.nonzero(count)
+    table = pd.DataFrame({"row": rows, "col": cols, "x_um": gx0 + (cols + 0.5) * hr_bin_um,
+                          "y_um": gy0 + (rows + 0.5) * hr_bin_um})
+    stitched = {}
+    for key, total in sums.items():
+        avg = total[:, rows, cols] / count[rows, cols]
+        stitched[key] = np.sqrt(avg).T if key == "std" else avg.T
+    table.attrs["maps"] = stitched
+    return table
+
+
+def to_anndata(dataset: PreparedTiles, preds: TilePredictions, *, extra_uns: dict | None = None):
+    """AnnData with one row per HR bin of every sample in the split (overlapping tiles averaged).
+
+    Writes
+    ------
+    ``X``: predicted mean counts per HR bin (float32); ``layers['std']``: per-bin standard deviation
+    over the K samples (when K > 1); ``layers['observed']``: measured HR counts (when the dataset has
+    them); ``obs``: ``sample``, ``row``, ``col``, ``x_um``, ``y_um``; ``obsm['spatial']``: bin centres
+    in the sample's full-resolution image pixels; ``obsm['spatial_um']``: the same in microns;
+    ``var_names``: genes; ``uns['spatial'][sample]['scalefactors']`` (spot_diameter_fullres = the bin
+    side in pixels, tissue_hires_scalef = 1) for squidpy/scanpy plotting; ``uns['diffst']``: geometry,
+    sampler and provenance.
+    """
+    import anndata as ad
+
+    geom = dataset.geometry
+    samples_meta = {s["name"]: s for s in dataset.meta["samples"]}
+    parts, spatial = [], {}
+    for name, group in dataset.tiles.groupby("sample", sort=False):
+        order = group.index.to_numpy()
+        maps = {"mean": preds.mean[order]}
+        if preds.std is not None and preds.samples_model.shape[0] > 1:
+            maps["std"] = preds.std[order]
+        if dataset.has_hr:
+            maps["observed"] = np.asarray(dataset.hr_counts)[order]
+        table = stitch(group, maps, geom.hr_bin_um)
+        table.insert(0, "sample", name)
+        um_to_px = np.asarray(samples_meta[name]["um_to_px"])
+        xy = table[["x_um", "y_um"]].to_numpy()
+        table.attrs["spatial"] = xy @ um_to_px[:2, :2].T + um_to_px[:2, 2]
+        parts.append(table)
+        px_um = float(samples_meta[name]["pixel_size_um"])
+        spatial[name] = {"scalefactors": {"spot_diameter_fullres": geom.hr_bin_um / px_um, "tissue_hires_scalef": 1.0,
+                                          "bin_size_um": geom.hr_bin_um, "microns_per_pixel": px_um}}
+    obs = pd.concat([p.drop(columns=[]) for p in parts], ignore_index=True)
+    obs.index = [f"{s}_{r}_{c}" for s, r, c in zip(obs["sample"], obs["row"], obs["col"], strict=True)]
+    obs["sample"] = obs["sample"].astype("category")
+
+    def gather(key: str) -> np.ndarray:
+        return np.concatenate([p.attrs["maps"][key] for p in parts]).astype(np.float32)
+
+    adata = ad.AnnData(X=gather("mean"), obs=obs, var=pd.DataFrame(index=list(dataset.genes)))
+    for key in ("std", "observed"):
+        if key in parts[0].attrs["maps"]:
+            adata.layers[key] = gather(key)
+    adata.obsm["spatial"] = np.concatenate([p.attrs["spatial"] for p in parts])
+    adata.obsm["spatial_um"] = obs[["x_um", "y_um"]].to_numpy()
+    adata.uns["spatial"] = spatial
+    adata.uns["diffst"] = {"geometry": geom.to_dict(), "split": dataset.split, "n_tiles": len(dataset),
+                           "num_samples": int(preds.samples_model.shape[0]), **(extra_uns or {})}
+    return adata
+
+
+def write_h5ad(adata, path: str | Path) -> Path:
+    """Write atomically: a failure never leaves a half-written file at ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        adata.write_h5ad(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
