@@ -3,6 +3,8 @@ curriculum patch selection, component switches, trainability and determinism."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -23,6 +25,15 @@ from diffst.models import (
 from diffst.models.cam import CrossModalAdaptiveModulation
 
 N_GENES = 4
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny models run fastest on one thread; on a shared CPU, extra threads mostly wait on each other."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def tiny_config(**overrides) -> ModelConfig:
@@ -82,6 +93,7 @@ def n_params(model: torch.nn.Module) -> int:
 
 
 def test_paper_geometry_output_shape():
+    torch.set_num_threads(os.cpu_count() or 1)  # the one big model: use every core
     torch.manual_seed(0)
     model = build_model(model_preset("paper", n_genes=25, image_channels=3)).eval()
     batch = make_batch(batch=1, n_genes=25, hr=256, lr=26, image=256, n_cells=256, patch=16)
@@ -306,3 +318,18 @@ def test_config_roundtrip_and_validation():
         ModelConfig(arch="unet")
     with pytest.raises(ValueError):
         model_preset("huge")
+
+
+def test_wrong_inputs_fail_with_clear_errors():
+    from diffst.errors import InputError
+
+    model = build_model(tiny_config(image_channels=1)).eval()
+    batch = make_batch(channels=1)
+    with pytest.raises(InputError, match="tissue"):
+        model(batch["x_t"], batch["t"], lr=batch["lr"], tissue=torch.rand(2, 3, 16, 16),
+              cells=batch["cells"], cell_entropy=batch["cell_entropy"])
+    with pytest.raises(InputError, match="lr"):
+        model(batch["x_t"], batch["t"], lr=batch["lr"][:, :2], tissue=batch["tissue"],
+              cells=batch["cells"], cell_entropy=batch["cell_entropy"])
+    with pytest.raises(InputError, match="cells"):
+        model(batch["x_t"], batch["t"], lr=batch["lr"], tissue=batch["tissue"])

@@ -17,13 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffst.errors import InputError
 from diffst.models.base import DenoiserOutput
 from diffst.models.cam import CrossModalAdaptiveModulation
 from diffst.models.config import ModelConfig
 from diffst.models.disentangle import ModalityFusion
 from diffst.models.graph import GeneCorrelationGraph
-from diffst.models.guided_dm import resample_lr
 from diffst.models.histology import HierarchicalHistologyEncoder
+from diffst.models.inputs import check_inputs, resample_lr
 from diffst.models.unet import ConditionalUNet, attention_levels_for, group_norm
 
 __all__ = ["DiffST", "resample_to_grid"]
@@ -169,6 +170,10 @@ class DiffST(nn.Module):
         DenoiserOutput
             ``prediction`` (B, 2N or N, H, W); ``aux_losses`` has ``"disentangle"`` iff enabled.
         """
+        cfg = self.cfg
+        check_inputs(x_t, t, lr, tissue, cfg.n_genes, cfg.image_channels, cells, cell_entropy)
+        if cfg.use_hierarchical and (cells is None or cell_entropy is None):
+            raise InputError("this Diff-ST model is hierarchical: pass `cells` and `cell_entropy`")
         hr_size = (x_t.shape[-2], x_t.shape[-1])
         inputs = [x_t, resample_lr(lr, hr_size)]
         if self.graph is not None:

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffst.errors import InputError
+
 __all__ = ["coexpression_matrix", "GeneCorrelationGraph"]
 
 
@@ -56,7 +58,7 @@ def coexpression_matrix(hr_counts: np.ndarray, normalize: bool = True, chunk_bin
     elif data.ndim == 2:
         table = data
     else:
-        raise ValueError(f"hr_counts must be (T, N, H, W) or (bins, N), got shape {data.shape}")
+        raise InputError(f"hr_counts must be (T, N, H, W) or (bins, N), got shape {data.shape}")
     table = np.clip(np.nan_to_num(table.astype(np.float64)), 0.0, None)
     n_genes = table.shape[1]
     shared = np.zeros((n_genes, n_genes))
@@ -106,9 +108,9 @@ class GeneCorrelationGraph(nn.Module):
         """Store the (N, N) co-expression matrix I used as adjacency (e.g. from ``coexpression_matrix``)."""
         matrix = torch.as_tensor(np.asarray(matrix) if not isinstance(matrix, Tensor) else matrix)
         if matrix.shape != (self.n_genes, self.n_genes):
-            raise ValueError(f"co-expression matrix must be ({self.n_genes}, {self.n_genes}), got {tuple(matrix.shape)}")
+            raise InputError(f"co-expression matrix must be ({self.n_genes}, {self.n_genes}), got {tuple(matrix.shape)}")
         if not torch.isfinite(matrix).all():
-            raise ValueError("co-expression matrix has non-finite entries")
+            raise InputError("co-expression matrix has non-finite entries")
         self.coexpression.copy_(matrix.to(self.coexpression))
 
     def forward(self, x_t: Tensor) -> Tensor:

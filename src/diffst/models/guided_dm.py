@@ -12,20 +12,10 @@ from torch import Tensor, nn
 
 from diffst.models.base import DenoiserOutput
 from diffst.models.config import ModelConfig
+from diffst.models.inputs import check_inputs, resample_lr
 from diffst.models.unet import ConditionalUNet, attention_levels_for
 
-__all__ = ["GuidedDMBaseline", "resample_lr"]
-
-
-def resample_lr(lr: Tensor, size: tuple[int, int]) -> Tensor:
-    """Resample LR maps (B, N, h, w) onto an HR grid of ``size`` with bicubic interpolation.
-
-    The LR tile is assumed to cover the same tissue extent as the HR tile; no integer scale factor
-    between them is assumed (the paper's LR is 26 x 26 for a 256 x 256 HR grid).
-    """
-    if tuple(lr.shape[-2:]) == tuple(size):
-        return lr
-    return F.interpolate(lr, size=size, mode="bicubic", align_corners=False)
+__all__ = ["GuidedDMBaseline"]
 
 
 class GuidedDMBaseline(nn.Module):
@@ -78,6 +68,7 @@ class GuidedDMBaseline(nn.Module):
         cells, cell_entropy, entropy_threshold
             Accepted for a uniform interface and ignored.
         """
+        check_inputs(x_t, t, lr, tissue, self.cfg.n_genes, self.cfg.image_channels)
         size = tuple(x_t.shape[-2:])
         image = F.interpolate(tissue, size=size, mode="bilinear", align_corners=False, antialias=True)
         inputs = torch.cat([x_t, resample_lr(lr, size), image * 2 - 1], dim=1)

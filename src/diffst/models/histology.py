@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffst.errors import InputError
 from diffst.models.unet import group_norm
 
 __all__ = [
@@ -84,15 +85,15 @@ def curriculum_threshold(
         gamma, non-decreasing in ``progress``.
     """
     if len(quantiles) != len(milestones) + 1:
-        raise ValueError("need exactly one more quantile than milestones")
+        raise InputError("need exactly one more quantile than milestones")
     if any(b < a for a, b in zip(milestones, milestones[1:], strict=False)) or any(
         b < a for a, b in zip(quantiles, quantiles[1:], strict=False)
     ):
-        raise ValueError("milestones and quantiles must be non-decreasing")
+        raise InputError("milestones and quantiles must be non-decreasing")
     values = entropies.detach().cpu().numpy() if isinstance(entropies, Tensor) else np.asarray(entropies)
     values = values.astype(np.float64).ravel()
     if values.size == 0:
-        raise ValueError("entropies is empty")
+        raise InputError("entropies is empty")
     progress = min(max(float(progress), 0.0), 1.0)
     stage = sum(progress >= m for m in milestones)
     q = float(quantiles[stage])
@@ -216,6 +217,6 @@ class HierarchicalHistologyEncoder(nn.Module):
         if not self.hierarchical:
             return tissue_map
         if cells is None or cell_entropy is None:
-            raise ValueError("the hierarchical histology encoder needs `cells` and `cell_entropy`")
+            raise InputError("the hierarchical histology encoder needs `cells` and `cell_entropy`")
         keep = kept_patch_mask(cell_entropy, entropy_threshold)
         return self.cross_attention(tissue_map, self.cell_encoder(cells), keep)
