@@ -214,6 +214,25 @@ def test_checkpoint_weights_only_and_config(prepared, tmp_path, one_thread):
         train(cfg)
 
 
+def test_validation_split_is_used_when_present(prepared, tmp_path, one_thread):
+    import shutil
+
+    # The example crop is too small for a held-out val region, so give a copy a 'val' split to check the wiring.
+    copy = tmp_path / "prep_val"
+    shutil.copytree(prepared, copy)
+    shutil.copytree(copy / "train", copy / "val")
+    data = _config(copy, tmp_path / "val_run", steps=4, val_every=2, checkpoint_every=4)
+    data["train"]["val_batches"] = 2
+    run_dir = train(parse_config(data))
+    with open(run_dir / "val.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["step"]) for r in rows] == [2, 4]
+    for r in rows:
+        assert r["split"] == "val"
+        assert all(float(r[k]) > 0 for k in ("val_loss", "val_eps_mse", "val_loss_ema", "val_eps_mse_ema"))
+    assert "validation on split 'val'" in json.loads((run_dir / "run_info.json").read_text())["validation"]
+
+
 # -- (b) resume after a real SIGKILL reproduces an uninterrupted run --------------------------------------
 
 
