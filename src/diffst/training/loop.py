@@ -1,8 +1,11 @@
 """The training loop: data-parallel through HuggingFace Accelerate, resumable bit-for-bit on CPU.
 
 Launch on one process with ``python -m diffst.training --config FILE`` (or ``diffst train``), on several
-with ``torchrun --nproc_per_node K -m diffst.training --config FILE`` or
-``accelerate launch [--cpu] --num_processes K -m diffst.training --config FILE``.
+with ``torchrun --standalone --nproc_per_node K -m diffst.training --config FILE`` or
+``accelerate launch --multi_gpu --num_processes K -m diffst.training --config FILE``. On a machine
+without CUDA (or with ``device: cpu``) both run K CPU processes over gloo. Note that
+``accelerate launch --cpu`` always starts a single process whatever ``--num_processes`` says (Accelerate
+routes ``--cpu`` to its simple launcher), so use ``--multi_gpu`` or torchrun for several CPU processes.
 Only the main process writes files; every process trains on its own shard of each epoch.
 """
 
