@@ -13,7 +13,7 @@ def interpolate_lr(lr_counts: np.ndarray, hr_shape: tuple[int, int], scale: int,
     LR bins hold s x s HR bins, so the LR values are first spread evenly (divided by s²), then
     interpolated (``bicubic``, ``bilinear`` or ``nearest``) and clipped at zero: bicubic overshoots.
     """
-    lr = torch.as_tensor(np.asarray(lr_counts, dtype=np.float32)) / float(scale * scale)
+    lr = torch.from_numpy(np.array(lr_counts, dtype=np.float32)) / float(scale * scale)
     lead = lr.shape[:-3]
     flat = lr.reshape(-1, *lr.shape[-3:])
     kwargs = {} if mode == "nearest" else {"align_corners": False}

@@ -31,13 +31,15 @@ class PreparedTiles(Dataset):
     Each item is a dict of float32 tensors: ``lr`` (N, h, w) and, when the dataset has HR ground
     truth, ``hr`` (N, H, W), both in the normaliser's model space; ``lr_mask`` (h, w); ``tissue``
     (C, S, S) and ``cells`` (M, C, p, p) in [0, 1]; ``cell_entropy`` (M,); and ``index``.
+    ``normaliser`` overrides the dataset's own (use the trained model's when predicting).
     With ``augment=True`` one of the 8 square symmetries (flips, 90-degree rotations) is drawn per
     item and applied identically to every modality: to the maps, to the tissue image, and to the
     cell grid as well as to each cell patch (with its entropy moved along).
     Arrays are memory-mapped, so opening a dataset costs no RAM.
     """
 
-    def __init__(self, path: str | Path, split: str = "train", augment: bool = False, seed: int = 0):
+    def __init__(self, path: str | Path, split: str = "train", augment: bool = False, seed: int = 0,
+                 normaliser: LogScaleNormaliser | None = None):
         self.path = Path(path)
         self.meta = load_meta(self.path)
         if split not in ("train", "val", "test"):
@@ -51,7 +53,13 @@ class PreparedTiles(Dataset):
         self.split = split
         self.geometry = TileGeometry(**self.meta["geometry"])
         self.genes: list[str] = self.meta["genes"]
-        self.normaliser = LogScaleNormaliser(**self.meta["normaliser"])
+        # A model trained elsewhere brings its own normaliser: its model space is the one that counts.
+        self.normaliser = normaliser or LogScaleNormaliser(**self.meta["normaliser"])
+        if self.normaliser.genes != self.genes:
+            raise InputError(
+                f"The normaliser's genes ({self.normaliser.genes[:5]}...) differ from this dataset's "
+                f"({self.genes[:5]}...). Prepare the dataset with the model's gene list (--genes)."
+            )
         self.has_hr = bool(self.meta["has_hr"])
 
         def load(name: str) -> np.ndarray:
@@ -74,6 +82,10 @@ class PreparedTiles(Dataset):
         self.tiles = table[table["split"] == split].sort_values("index").reset_index(drop=True)
         self.augment = augment
         self._rng = np.random.default_rng(seed)
+
+    def set_rng(self, rng: np.random.Generator) -> None:
+        """Use ``rng`` for the next augmentation draws (training re-seeds it per epoch and tile)."""
+        self._rng = rng
 
     def __len__(self) -> int:
         return len(self.lr_counts)

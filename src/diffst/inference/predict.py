@@ -186,3 +186,48 @@ def write_h5ad(adata, path: str | Path) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def predict_checkpoint(
+    checkpoint: str | Path,
+    data: str | Path,
+    *,
+    split: str = "test",
+    sampler: SamplerConfig | None = None,
+    batch_size: int = 4,
+    seed: int = 0,
+    device: str = "auto",
+    progress: bool = True,
+):
+    """Load a trained model and predict every tile of a prepared split.
+
+    Returns ``(dataset, predictions, extras)``; the dataset reads the tiles through the model's own
+    normaliser and gene list, so outputs are in counts whatever dataset the model was trained on.
+    """
+    from diffst.data.normalise import LogScaleNormaliser
+    from diffst.errors import InputError
+    from diffst.training.checkpoint import load_checkpoint
+
+    dev = resolve_device(device)
+    model, cfg, extras = load_checkpoint(checkpoint, device=dev)
+    trained = extras.get("dataset")
+    normaliser = LogScaleNormaliser(**trained["normaliser"]) if trained else None
+    dataset = PreparedTiles(data, split, normaliser=normaliser)
+    if trained and trained["geometry"]["scale"] != dataset.geometry.scale:
+        raise InputError(
+            f"The model was trained at scale {trained['geometry']['scale']} but {data} is prepared at scale "
+            f"{dataset.geometry.scale}; prepare the data with --scale {trained['geometry']['scale']}."
+        )
+    sampler = sampler or cfg.sampler
+    diffusion = GaussianDiffusion(cfg.diffusion)
+    preds = predict_tiles(model, diffusion, dataset, sampler, entropy_threshold=extras["entropy_threshold"],
+                          batch_size=batch_size, seed=seed, device=dev, progress=progress)
+    extras = {**extras, "sampler": sampler.model_dump(), "seed": seed, "checkpoint": str(extras["path"])}
+    return dataset, preds, extras

@@ -12,6 +12,8 @@ the U-Net input as N extra channels.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -20,6 +22,22 @@ from torch import Tensor, nn
 from diffst.errors import InputError
 
 __all__ = ["coexpression_matrix", "GeneCorrelationGraph"]
+
+
+def _bin_chunks(data: np.ndarray, chunk_bins: int) -> Iterator[np.ndarray]:
+    """Yield (bins, N) float64 chunks of clipped, NaN-free counts without copying the whole array."""
+    if data.ndim == 4:
+        tiles_per_chunk = max(1, chunk_bins // max(1, data.shape[2] * data.shape[3]))
+        for start in range(0, data.shape[0], tiles_per_chunk):
+            block = data[start : start + tiles_per_chunk]
+            yield _clean(np.moveaxis(block, 1, -1).reshape(-1, data.shape[1]))
+    else:
+        for start in range(0, data.shape[0], chunk_bins):
+            yield _clean(data[start : start + chunk_bins])
+
+
+def _clean(table: np.ndarray) -> np.ndarray:
+    return np.clip(np.nan_to_num(table.astype(np.float64)), 0.0, None)
 
 
 def coexpression_matrix(hr_counts: np.ndarray, normalize: bool = True, chunk_bins: int = 65536) -> np.ndarray:
@@ -53,20 +71,15 @@ def coexpression_matrix(hr_counts: np.ndarray, normalize: bool = True, chunk_bin
         (N, N) float64 matrix.
     """
     data = np.asarray(hr_counts)
-    if data.ndim == 4:
-        table = np.moveaxis(data, 1, -1).reshape(-1, data.shape[1])
-    elif data.ndim == 2:
-        table = data
-    else:
+    if data.ndim not in (2, 4):
         raise InputError(f"hr_counts must be (T, N, H, W) or (bins, N), got shape {data.shape}")
-    table = np.clip(np.nan_to_num(table.astype(np.float64)), 0.0, None)
-    n_genes = table.shape[1]
+    n_genes = data.shape[1]
     shared = np.zeros((n_genes, n_genes))
-    for start in range(0, table.shape[0], chunk_bins):
-        chunk = table[start : start + chunk_bins]
+    totals = np.zeros(n_genes)
+    for chunk in _bin_chunks(data, chunk_bins):
+        totals += chunk.sum(axis=0)
         for i in range(n_genes):
             shared[i] += np.minimum(chunk[:, i : i + 1], chunk).sum(axis=0)
-    totals = table.sum(axis=0)
     with np.errstate(divide="ignore", invalid="ignore"):
         p_given = np.where(totals[None, :] > 0, shared / totals[None, :], 0.0)  # p(i|j) at [i, j]
     intensity = 0.5 * (p_given + p_given.T)

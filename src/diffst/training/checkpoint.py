@@ -264,6 +264,7 @@ def load_checkpoint(
     extras = {
         "step": state["step"],
         "entropy_threshold": state.get("entropy_threshold_final"),
+        "dataset": state.get("dataset"),
         "coexpression": coexpression,
         "weights": "ema" if ema else "model",
         "path": folder,

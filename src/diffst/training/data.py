@@ -114,8 +114,8 @@ class SeededTiles(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
         epoch, tile = key
         if getattr(self.base, "augment", False):
-            # PreparedTiles draws its symmetry from ``_rng``; re-seed it for this (epoch, tile).
-            self.base._rng = np.random.default_rng([self.seed, STREAM_AUGMENT, int(epoch), int(tile)])
+            # Re-seed the augmentation for this (epoch, tile), so resumed runs draw the same symmetries.
+            self.base.set_rng(np.random.default_rng([self.seed, STREAM_AUGMENT, int(epoch), int(tile)]))
         return self.base[int(tile)]
 
 

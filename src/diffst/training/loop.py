@@ -396,6 +396,9 @@ def _train(cfg, resume, accelerator, run_dir, main, rank, world, device,
                 "data_order": "tiles of epoch e: permutation from (seed, e), dealt round-robin to ranks; "
                               "augmentation from (seed, e, tile); noise/timesteps from (seed, rank, step)",
                 "weights_for_inference": "ema.safetensors",
+                # What inference needs to put new data into this model's space and back to counts.
+                "dataset": {"genes": list(train_ds.genes), "normaliser": train_ds.normaliser.model_dump(),
+                            "geometry": train_ds.geometry.to_dict(), "image_channels": train_ds.image_channels},
             }
             path = save_checkpoint(
                 run_dir, step, model=raw_model, ema_state=ema.state_dict(),
