@@ -130,7 +130,7 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [LABELS[a] for a in ARCHS] + ["authors' Diff-ST"]
+    names = [LABELS[a] for a in ARCHS] + ["authors' Diff-ST\n(DESIGN.md, other run)"]
     panels = [
         ("parameters (M)", [results[a]["params_m"] for a in ARCHS] + [AUTHORS["params_m"]]),
         ("forward, median (s)", [results[a]["forward_median_s"] for a in ARCHS] + [AUTHORS["forward_s"]]),
@@ -143,7 +143,8 @@ def plot(results: dict, path: Path) -> None:
         ax.set_title(title, fontsize=10)
         ax.tick_params(axis="x", labelsize=8)
     fig.suptitle(
-        f"batch 1, HR {HR_SIZE}², LR {LR_SIZE}², {N_GENES} genes, {results['threads']} CPU threads, no_grad",
+        f"batch 1, HR {HR_SIZE}², LR {LR_SIZE}², {N_GENES} genes, {results['threads']} CPU threads, no_grad; "
+        f"1-min load average {results['load']:.1f}",
         fontsize=10,
     )
     fig.tight_layout()
@@ -248,7 +249,7 @@ def main() -> None:
     print(f"1-min load average during the run: {summary['load_average_1min']:.2f} on {threads} cores")
 
     (args.out / "bench_speed.json").write_text(json.dumps(summary, indent=2))
-    plot({**results, "threads": threads}, args.out / "bench_speed.png")
+    plot({**results, "threads": threads, "load": summary["load_average_1min"]}, args.out / "bench_speed.png")
     print(f"saved {args.out / 'bench_speed.json'} and {args.out / 'bench_speed.png'}")
 
 
