@@ -246,7 +246,10 @@ def main() -> None:
         f"ratio of medians {ratio_of_medians:.2f}x, of minima {ratio_of_mins:.2f}x"
     )
     print(f"seconds per tile: {results['diffst']['sampling_source']}")
-    print(f"1-min load average during the run: {summary['load_average_1min']:.2f} on {threads} cores")
+    print(
+        f"1-min load average during the run: {summary['load_average_1min']:.2f} "
+        f"({os.cpu_count()} cores, {threads} torch threads); other processes inflate absolute times"
+    )
 
     (args.out / "bench_speed.json").write_text(json.dumps(summary, indent=2))
     plot({**results, "threads": threads, "load": summary["load_average_1min"]}, args.out / "bench_speed.png")

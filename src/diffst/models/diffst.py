@@ -13,6 +13,7 @@ Data flow for noisy HR maps x_t (B, N, H, W):
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -105,7 +106,7 @@ class DiffST(nn.Module):
             injection_channels={cfg.condition_level: d},
         )
 
-    def set_coexpression(self, matrix) -> None:
+    def set_coexpression(self, matrix: np.ndarray | Tensor) -> None:
         """Set the CIGC-Graph adjacency (N, N), e.g. ``coexpression_matrix(train_hr_counts)``.
 
         A no-op when the graph is switched off.

@@ -110,7 +110,8 @@ class GeneCorrelationGraph(nn.Module):
         self.n_genes = n_genes
         self.node_size = node_size
         self.alpha = alpha
-        self.gene_encoder = nn.Sequential(nn.Conv2d(1, hidden, 3, padding=1), nn.SiLU())
+        # Stride 2: nodes are pooled to node_size x node_size anyway, so full resolution would be wasted.
+        self.gene_encoder = nn.Sequential(nn.Conv2d(1, hidden, 3, stride=2, padding=1), nn.SiLU())
         self.gene_reduce = nn.Conv2d(hidden, 1, 1)
         node_dim = node_size * node_size
         self.weight = nn.Linear(node_dim, node_dim, bias=False)

@@ -6,6 +6,7 @@ grid and the histology image resized to H x W. Cell patches are ignored.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -41,6 +42,9 @@ class GuidedDMBaseline(nn.Module):
             num_heads=cfg.num_heads,
             dropout=cfg.dropout,
         )
+
+    def set_coexpression(self, matrix: np.ndarray | Tensor) -> None:
+        """No-op: the baseline has no gene graph (kept so training code can treat both models alike)."""
 
     def forward(
         self,
