@@ -45,18 +45,19 @@ def _ome_pixel_size_um(ome_xml: str | None) -> float | None:
     return value * factor
 
 
-def resample_area(hwc: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
-    """Resize a float (rows, cols, C) image: box (area) averaging when shrinking, bilinear when
-    enlarging. Each channel goes through PIL's float mode, which is far faster than a Gaussian
-    anti-aliasing filter on multi-megapixel tiles."""
+def resample_area(hwc: np.ndarray, out_h: int, out_w: int, box: tuple[float, float, float, float] | None = None) -> np.ndarray:
+    """Resize a float (rows, cols, C) image, or the fractional ``box`` (left, top, right, bottom, in
+    pixels) of it: box (area) averaging when shrinking, bilinear when enlarging. Each channel goes
+    through PIL's float mode, far faster than a Gaussian anti-aliasing filter on large tiles."""
     from PIL import Image
 
-    shrinking = out_h < hwc.shape[0] or out_w < hwc.shape[1]
+    left, top, right, bottom = box or (0.0, 0.0, float(hwc.shape[1]), float(hwc.shape[0]))
+    shrinking = out_h < bottom - top or out_w < right - left
     method = Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR
     out = np.empty((out_h, out_w, hwc.shape[2]), dtype=np.float32)
     for c in range(hwc.shape[2]):
         channel = Image.fromarray(np.ascontiguousarray(hwc[..., c], dtype=np.float32), mode="F")
-        out[..., c] = np.asarray(channel.resize((out_w, out_h), method))
+        out[..., c] = np.asarray(channel.resize((out_w, out_h), method, box=(left, top, right, bottom)))
     return out
 
 
@@ -279,13 +280,11 @@ class SlideImage:
         window = np.clip(window, 0.0, 1.0)
         axis_aligned = abs(out_to_level[0, 1]) < 1e-9 and abs(out_to_level[1, 0]) < 1e-9
         if axis_aligned:
-            # Crop exactly the rectangle (fractional offsets handled by resize's pixel-area mapping).
+            # The exact (fractional) rectangle inside the window.
             c0 = out_to_level[0, 2] - col_lo
             r0 = out_to_level[1, 2] - row_lo
-            c1 = c0 + out_w * out_to_level[0, 0]
-            r1 = r0 + out_h * out_to_level[1, 1]
-            crop = window[int(round(r0)) : max(int(round(r1)), int(round(r0)) + 1), int(round(c0)) : max(int(round(c1)), int(round(c0)) + 1)]
-            result = resample_area(crop, out_h, out_w)
+            box = (c0, r0, c0 + out_w * out_to_level[0, 0], r0 + out_h * out_to_level[1, 1])
+            result = resample_area(window, out_h, out_w, box)
         else:
             # General affine: warp output pixel centres into the window.
             shift = np.array([[1, 0, -col_lo], [0, 1, -row_lo], [0, 0, 1]], dtype=float)
