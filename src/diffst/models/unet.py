@@ -14,7 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["timestep_embedding", "group_norm", "ResBlock", "SelfAttention2d", "ConditionalUNet"]
+__all__ = [
+    "timestep_embedding",
+    "group_norm",
+    "ResBlock",
+    "SelfAttention2d",
+    "ConditionalUNet",
+    "attention_levels_for",
+]
 
 
 def group_norm(channels: int, max_groups: int = 32) -> nn.GroupNorm:
