@@ -38,6 +38,9 @@ class DiffusionConfig(BaseModel):
         Term of the bound at t = 0: ``"discretized"`` (guided-diffusion's discretised Gaussian likelihood of
         data in [-1, 1] with 255 bins) or ``"gaussian"`` (continuous Gaussian NLL; gene expression is not
         8-bit data, but its value is a density, not a probability, so it can be negative).
+    target
+        What x0 is: ``"hr"`` (the HR maps, the paper's formulation) or ``"residual"`` (HR minus the LR
+        interpolated onto the HR grid, halved; see :mod:`diffst.diffusion.target`).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -50,6 +53,7 @@ class DiffusionConfig(BaseModel):
     eps_loss_reduction: Literal["mean", "sum"] = "mean"
     charbonnier_eps: float = Field(1e-3, gt=0.0)
     decoder_nll: Literal["discretized", "gaussian"] = "discretized"
+    target: Literal["hr", "residual"] = "residual"
 
 
 class SamplerConfig(BaseModel):

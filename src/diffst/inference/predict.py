@@ -15,6 +15,7 @@ from diffst.data.dataset import PreparedTiles
 from diffst.diffusion.config import SamplerConfig
 from diffst.diffusion.process import GaussianDiffusion
 from diffst.diffusion.samplers import sample_k
+from diffst.diffusion.target import decode_target
 
 
 @dataclass
@@ -22,7 +23,7 @@ class TilePredictions:
     """Per-tile predictions of one split, in counts per HR bin.
 
     mean: (T, N, H, W) mean over the K samples; std: (T, N, H, W) their standard deviation
-    (zeros when K = 1); samples_model: (K, T, N, H, W) raw samples in model space.
+    (zeros when K = 1); samples_model: (K, T, N, H, W) sampled HR maps in model space.
     """
 
     mean: np.ndarray
@@ -79,7 +80,8 @@ def predict_tiles(
         generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + b)
         _, _, drawn = sample_k(model_fn, (len(idx), *shape_hr), diffusion, method=sampler.method, steps=sampler.steps,
                                k=k, generator=generator, device=device, clip=sampler.clip, **_eta(sampler))
-        samples[:, start : start + len(idx)] = drawn.float().cpu().numpy()
+        hr = torch.stack([decode_target(d, cond["lr"], diffusion.cfg.target) for d in drawn])
+        samples[:, start : start + len(idx)] = hr.float().cpu().numpy()
     counts = dataset.normaliser.to_counts(samples)
     mean = counts.mean(axis=0)
     std = counts.std(axis=0, ddof=1) if k > 1 else np.zeros_like(mean)

@@ -26,6 +26,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from diffst.config import ConfigError, RunConfig, resolve_config, save_config
+from diffst.diffusion.target import encode_target
 from diffst.errors import InputError
 from diffst.training.checkpoint import (
     capture_rng,
@@ -151,8 +152,9 @@ def _losses(diffusion, model, batch, gamma, generator, device, disentangle_weigh
     t = diffusion.sample_timesteps(hr.shape[0], generator=generator)
     noise = torch.randn(hr.shape, generator=generator, dtype=hr.dtype)
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    x0 = encode_target(batch["hr"], batch["lr"], diffusion.cfg.target)
     terms = diffusion.training_losses(
-        model, batch["hr"], t.to(device), noise=noise.to(device), model_kwargs=_model_kwargs(batch, gamma)
+        model, x0, t.to(device), noise=noise.to(device), model_kwargs=_model_kwargs(batch, gamma)
     )
     total = terms["loss"]
     if "disentangle" in terms:
