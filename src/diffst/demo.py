@@ -25,7 +25,7 @@ def cpu_run_config(prepared: Path, run_dir: Path, steps: int, seed: int = 0, dev
     return {
         "data": {"path": str(prepared), "augment": True, "batch_size": 4},
         "model": {"preset": "cpu", "hr_size": 20, "attention_resolutions": [10]},
-        "diffusion": {"num_timesteps": 1000, "loss": "hybrid"},
+        "diffusion": {"num_timesteps": 1000, "loss": "hybrid", "target": "residual", "parameterization": "v"},
         "train": {"steps": steps, "lr": 2e-3, "weight_decay": 1e-5, "ema_decay": 0.995, "ema_warmup": True,
                   "disentangle_weight": 0.01, "curriculum": True, "grad_clip": 1.0, "log_every": 10,
                   "checkpoint_every": max(steps // 4, 1), "keep_last": 2},

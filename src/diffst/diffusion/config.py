@@ -41,6 +41,11 @@ class DiffusionConfig(BaseModel):
     target
         What x0 is: ``"hr"`` (the HR maps, the paper's formulation) or ``"residual"`` (HR minus the LR
         interpolated onto the HR grid, halved; see :mod:`diffst.diffusion.target`).
+    parameterization
+        What the first N output channels mean: ``"eps"`` (the noise, the paper's choice) or ``"v"`` (the
+        velocity sqrt(abar) eps - sqrt(1 - abar) x0, trained with the same loss on v). v stays well
+        conditioned at large t, where an epsilon model must be extremely precise for x0 to be right,
+        so short (CPU) runs sample far better with it.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -54,6 +59,7 @@ class DiffusionConfig(BaseModel):
     charbonnier_eps: float = Field(1e-3, gt=0.0)
     decoder_nll: Literal["discretized", "gaussian"] = "discretized"
     target: Literal["hr", "residual"] = "residual"
+    parameterization: Literal["eps", "v"] = "eps"
 
 
 class SamplerConfig(BaseModel):

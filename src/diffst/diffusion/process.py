@@ -194,8 +194,13 @@ class GaussianDiffusion:
             return self
         return self.respace(spaced_timesteps(self.num_timesteps, steps))
 
-    def split_prediction(self, prediction: Tensor, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Split a model prediction into epsilon and (when ``learn_sigma``) the variance value v."""
+    def split_prediction(self, prediction: Tensor, x: Tensor, t: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Split a model prediction into epsilon and (when ``learn_sigma``) the variance value v.
+
+        With ``parameterization="v"`` the first half is the velocity sqrt(abar) eps - sqrt(1 - abar) x0
+        and is turned into epsilon = sqrt(abar) v + sqrt(1 - abar) x_t, which needs x_t (``x``) and the
+        step indices ``t`` of this process.
+        """
         n = x.shape[1]
         expected = 2 * n if self.cfg.learn_sigma else n
         if (
@@ -207,9 +212,14 @@ class GaussianDiffusion:
                 f"model prediction has shape {tuple(prediction.shape)}, expected {(x.shape[0], expected, *x.shape[2:])} "
                 f"(learn_sigma={self.cfg.learn_sigma}); check the model's out_channels"
             )
-        if self.cfg.learn_sigma:
-            return prediction[:, :n], prediction[:, n:]
-        return prediction, None
+        first, var_v = (prediction[:, :n], prediction[:, n:]) if self.cfg.learn_sigma else (prediction, None)
+        if self.cfg.parameterization == "v":
+            if t is None:
+                raise InputError("a v-parameterised prediction needs the timesteps t to give epsilon")
+            first = self._gather(self.sqrt_alphas_cumprod, t, x) * first + self._gather(
+                self.sqrt_one_minus_alphas_cumprod, t, x
+            ) * x
+        return first, var_v
 
     # ------------------------------------------------------------------ forward process
     def q_sample(
@@ -267,7 +277,7 @@ class GaussianDiffusion:
         clip
             Clip the predicted x0 to [-1, 1] before forming the mean.
         """
-        eps, v = self.split_prediction(prediction, x_t)
+        eps, v = self.split_prediction(prediction, x_t, t)
         if v is None:
             log_var = self._gather(self.posterior_log_variance_clipped, t, x_t).expand_as(x_t)
         else:
@@ -354,9 +364,17 @@ class GaussianDiffusion:
             noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_t = self.q_sample(x0, t, noise)
         output = model(x_t, self.original_timesteps(t.to(x0.device)), **model_kwargs)
-        eps_pred, v = self.split_prediction(output.prediction, x0)
+        eps_pred, v = self.split_prediction(output.prediction, x_t, t)
 
-        eps_loss = self._eps_loss(eps_pred, noise)
+        if self.cfg.parameterization == "v":
+            n = x0.shape[1]
+            velocity = (
+                self._gather(self.sqrt_alphas_cumprod, t, x0) * noise
+                - self._gather(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
+            )
+            eps_loss = self._eps_loss(output.prediction[:, :n], velocity)
+        else:
+            eps_loss = self._eps_loss(eps_pred, noise)
         terms: dict[str, Tensor] = {
             "eps_mse": _mean_flat((eps_pred.detach() - noise) ** 2).mean(),
             "eps_loss": eps_loss.mean(),

@@ -120,7 +120,7 @@ def sample_ddim(
     for i in _progress(range(n - 1, -1, -1), progress, "ddim", n):
         t = _step_t(i, x)
         t_orig = proc.original_timesteps(t)
-        eps, _ = proc.split_prediction(model_fn(x, t_orig), x)
+        eps, _ = proc.split_prediction(model_fn(x, t_orig), x, t)
         x0 = proc.predict_x0(x, t, eps)
         if clip:
             x0 = x0.clamp(-1.0, 1.0)
@@ -178,7 +178,7 @@ def sample_dpmpp(
     for t_int in _progress(sched.timesteps.tolist(), progress, "dpm++", n):
         t = _step_t(int(t_int), x)
         t_orig = diffusion.original_timesteps(t)
-        eps, _ = diffusion.split_prediction(model_fn(x, t_orig), x)
+        eps, _ = diffusion.split_prediction(model_fn(x, t_orig), x, t)
         if clip:  # clip x0 and hand the solver the epsilon that implies it
             x0 = diffusion.predict_x0(x, t, eps).clamp(-1.0, 1.0)
             eps = diffusion.predict_eps(x, t, x0)
