@@ -110,7 +110,7 @@ def markdown(results: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/sampler_quality"))
-    parser.add_argument("--steps", type=int, default=1500, help="training steps per scale")
+    parser.add_argument("--steps", type=int, default=2000, help="training steps per scale")
     parser.add_argument("--k", type=int, default=4, help="samples per tile")
     parser.add_argument("--scales", type=int, nargs="+", default=[5, 10])
     parser.add_argument("--seed", type=int, default=0)

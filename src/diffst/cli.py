@@ -163,7 +163,7 @@ def predict(
 def demo(
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("demo_output"),
     scale: Annotated[int, typer.Option(help="Super-resolution factor: 5 or 10.")] = 10,
-    steps: Annotated[int, typer.Option(help="Training steps of the cpu preset.")] = 1500,
+    steps: Annotated[int, typer.Option(help="Training steps of the cpu preset.")] = 2000,
     samples: Annotated[int, typer.Option(help="K samples per tile for mean and std.")] = 4,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,

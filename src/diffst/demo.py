@@ -43,7 +43,7 @@ def prepare_example(out: Path, scale: int, n_genes: int = 25, progress: bool = T
                            overwrite=True, progress=progress)
 
 
-def run_demo(out: str | Path = "demo_output", scale: int = 10, steps: int = 1500, sampler_steps: int = 20,
+def run_demo(out: str | Path = "demo_output", scale: int = 10, steps: int = 2000, sampler_steps: int = 20,
              num_samples: int = 4, seed: int = 0, device: str = "auto", progress: bool = True) -> dict:
     """Run the whole job; returns the metrics dict also written to ``out/metrics_s<scale>.json``."""
     from diffst.training import train
