@@ -44,7 +44,7 @@ def trained_run(out: Path, scale: int, steps: int, seed: int) -> Path:
     prepared = out / f"prepared_s{scale}"
     run_dir = out / f"run_s{scale}"
     latest = latest_checkpoint(run_dir)
-    if latest is not None and read_training_state(latest)["step"] >= steps:
+    if latest is not None and read_training_state(latest)["state"]["step"] >= steps:
         return run_dir
     if not (prepared / "dataset.json").exists():
         prepare_example(prepared, scale, progress=False)
