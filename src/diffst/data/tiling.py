@@ -184,9 +184,3 @@ def plan_origins(
 def intersects(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> bool:
     """Whether two (x0, y0, x1, y1) rectangles share any area."""
     return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
-
-
-def inside(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> bool:
-    """Whether rectangle a lies within rectangle b."""
-    eps = 1e-6
-    return a[0] >= b[0] - eps and a[1] >= b[1] - eps and a[2] <= b[2] + eps and a[3] <= b[3] + eps

@@ -97,6 +97,17 @@ def sample_ddpm(
     return x
 
 
+def _eps_and_x0(proc: GaussianDiffusion, prediction: Tensor, x: Tensor, t: Tensor, clip: bool) -> tuple[Tensor, Tensor]:
+    """Epsilon and x0 from a prediction; with ``clip``, x0 is clipped to [-1, 1] and epsilon recomputed
+    from it, so deterministic updates stay consistent with the clipped x0."""
+    eps, _ = proc.split_prediction(prediction, x, t)
+    x0 = proc.predict_x0(x, t, eps)
+    if clip:
+        x0 = x0.clamp(-1.0, 1.0)
+        eps = proc.predict_eps(x, t, x0)
+    return eps, x0
+
+
 def sample_ddim(
     model_fn: ModelFn,
     noise: Tensor,
@@ -120,11 +131,7 @@ def sample_ddim(
     for i in _progress(range(n - 1, -1, -1), progress, "ddim", n):
         t = _step_t(i, x)
         t_orig = proc.original_timesteps(t)
-        eps, _ = proc.split_prediction(model_fn(x, t_orig), x, t)
-        x0 = proc.predict_x0(x, t, eps)
-        if clip:
-            x0 = x0.clamp(-1.0, 1.0)
-            eps = proc.predict_eps(x, t, x0)
+        eps, x0 = _eps_and_x0(proc, model_fn(x, t_orig), x, t, clip)
         abar = proc._gather(proc.alphas_cumprod, t, x)
         abar_prev = proc._gather(proc.alphas_cumprod_prev, t, x)
         sigma = eta * torch.sqrt((1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev))
@@ -178,10 +185,7 @@ def sample_dpmpp(
     for t_int in _progress(sched.timesteps.tolist(), progress, "dpm++", n):
         t = _step_t(int(t_int), x)
         t_orig = diffusion.original_timesteps(t)
-        eps, _ = diffusion.split_prediction(model_fn(x, t_orig), x, t)
-        if clip:  # clip x0 and hand the solver the epsilon that implies it
-            x0 = diffusion.predict_x0(x, t, eps).clamp(-1.0, 1.0)
-            eps = diffusion.predict_eps(x, t, x0)
+        eps, _ = _eps_and_x0(diffusion, model_fn(x, t_orig), x, t, clip)  # the solver gets the clipped epsilon
         x = sched.step(eps, int(t_int), x).prev_sample
         if callback is not None:
             callback({"i": int(t_int), "t": t_orig, "x": x})

@@ -40,9 +40,4 @@ def decode_target(x0: Tensor, lr: Tensor, kind: TargetKind) -> Tensor:
     return 2.0 * x0 + lr_on_hr_grid(lr.to(x0.dtype), x0.shape[-2:])
 
 
-def round_trip_error(hr: Tensor, lr: Tensor, kind: TargetKind) -> float:
-    """Largest error of decode(encode(hr)) (a self-check used by tests)."""
-    return float((decode_target(encode_target(hr, lr, kind), lr, kind) - hr).abs().max())
-
-
-__all__ = ["TargetKind", "decode_target", "encode_target", "lr_on_hr_grid", "round_trip_error"]
+__all__ = ["TargetKind", "decode_target", "encode_target", "lr_on_hr_grid"]
