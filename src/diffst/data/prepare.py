@@ -159,6 +159,9 @@ def prepare_dataset(
         s.check_registration()
     if len({s.name for s in samples}) != len(samples):
         raise InputError("Sample names must be unique; give each sample its own name.")
+    channels = {s.image.n_channels for s in samples}
+    if len(channels) > 1:
+        raise InputError(f"Samples mix images with {sorted(channels)} channels; use one kind of image per dataset.")
     plan = plan_tiles(samples, geometry, split)
     held = [r for r in (split.test_region, split.val_region) if r is not None]
     exclude = {s.name: held for s in samples if s.name not in split.test_samples + split.val_samples}
@@ -228,9 +231,6 @@ def prepare_dataset(
                          "um_to_px": s.image.um_to_px.tolist(),
                          "meta": {k: str(v) for k, v in s.meta.items()}} for s in samples],
         }
-        channels = {s.image.n_channels for s in samples}
-        if len(channels) > 1:
-            raise InputError(f"Samples mix images with {sorted(channels)} channels; use one kind of image per dataset.")
         (tmp / "dataset.json").write_text(json.dumps(meta, indent=2))
         if preview:
             from diffst.plotting.preview import plot_tile_preview
@@ -248,7 +248,9 @@ def prepare_dataset(
 
 def _check_no_leak(rows: list[dict]) -> None:
     """No training tile may share area with a held-out tile of the same sample."""
-    boxes = lambda which: [(r["sample"], (r["x0_um"], r["y0_um"], r["x1_um"], r["y1_um"])) for r in rows if r["split"] == which]  # noqa: E731
+    def boxes(which: str) -> list[tuple[str, Rect]]:
+        return [(r["sample"], (r["x0_um"], r["y0_um"], r["x1_um"], r["y1_um"])) for r in rows if r["split"] == which]
+
     held_out = boxes("val") + boxes("test")
     for name, box in boxes("train"):
         for other, held in held_out:
