@@ -153,3 +153,12 @@ def test_corrupt_prepared_dataset(prepared_xenium, tmp_path):
     (copy / "dataset.json").write_text("{not json")
     with pytest.raises(InputError, match="corrupt"):
         PreparedTiles(copy, "test")
+
+
+def test_mixed_image_kinds_are_refused_before_tiling(xenium_sample, tmp_path):
+    from diffst.data.synthetic import synthetic_slide
+
+    he = synthetic_slide(220, 220, n_genes=12, seed=0)
+    with pytest.raises(InputError, match="mix images with \\[1, 3\\] channels"):
+        prepare_dataset([xenium_sample, he], tmp_path / "p", tile_preset("cpu", 10), n_genes=2, progress=False)
+    assert not (tmp_path / "p").exists()
