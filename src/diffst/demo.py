@@ -36,9 +36,10 @@ def cpu_run_config(prepared: Path, run_dir: Path, steps: int, seed: int = 0, dev
     }
 
 
-def prepare_example(out: Path, scale: int, n_genes: int = 25, progress: bool = True) -> Path:
-    """The built-in example, cpu tiles at ``scale``, right-most 200 µm held out as the test region."""
-    return prepare_dataset([load_example()], out, tile_preset("cpu", scale), n_genes=n_genes,
+def prepare_example(out: Path, scale: int, n_genes: int = 25, progress: bool = True, sample=None) -> Path:
+    """The built-in example (or its already-read ``sample``), cpu tiles at ``scale``, right-most 200 µm
+    held out as the test region."""
+    return prepare_dataset([sample or load_example()], out, tile_preset("cpu", scale), n_genes=n_genes,
                            split=SplitSpec(test_region=EXAMPLE_TEST_REGION, train_stride_um=20),
                            overwrite=True, progress=progress)
 
@@ -53,7 +54,8 @@ def run_demo(out: str | Path = "demo_output", scale: int = 10, steps: int = 2000
     out.mkdir(parents=True, exist_ok=True)
     timings = {}
     t0 = time.time()
-    prepared = prepare_example(out / f"prepared_s{scale}", scale, progress=progress)
+    example = load_example()
+    prepared = prepare_example(out / f"prepared_s{scale}", scale, progress=progress, sample=example)
     timings["prepare_s"] = time.time() - t0
 
     t0 = time.time()
@@ -73,7 +75,7 @@ def run_demo(out: str | Path = "demo_output", scale: int = 10, steps: int = 2000
     report = evaluate_split(dataset, {"diffst": preds.mean})
     origins = list(zip(dataset.tiles["x0_um"], dataset.tiles["y0_um"], strict=True))
     geom = dataset.geometry
-    ceiling = split_half_ceiling(load_example(), dataset.genes, origins, geom.hr_bin_um, geom.tile_hr, seed=seed)
+    ceiling = split_half_ceiling(example, dataset.genes, origins, geom.hr_bin_um, geom.tile_hr, seed=seed)
     report["noise_ceiling"] = {"pcc": float(np.mean(ceiling))}
     report["timings"] = {k: round(v, 1) for k, v in timings.items()}
     report["setup"] = {"scale": scale, "train_steps": steps, "sampler": extras["sampler"], "test_tiles": len(dataset),

@@ -92,7 +92,7 @@ def _eta(sampler: SamplerConfig) -> dict:
     return {"eta": sampler.eta} if sampler.method == "ddim" else {}
 
 
-def stitch(tiles: pd.DataFrame, maps: dict[str, np.ndarray], hr_bin_um: float) -> pd.DataFrame | None:
+def stitch(tiles: pd.DataFrame, maps: dict[str, np.ndarray], hr_bin_um: float) -> pd.DataFrame:
     """Average overlapping tiles of one sample onto its HR grid.
 
     ``tiles`` has x0_um / y0_um per tile; ``maps`` holds arrays (T, N, H, W) to stitch (a ``std``
@@ -145,7 +145,7 @@ def to_anndata(dataset: PreparedTiles, preds: TilePredictions, *, extra_uns: dic
     for name, group in dataset.tiles.groupby("sample", sort=False):
         order = group.index.to_numpy()
         maps = {"mean": preds.mean[order]}
-        if preds.std is not None and preds.samples_model.shape[0] > 1:
+        if preds.samples_model.shape[0] > 1:
             maps["std"] = preds.std[order]
         if dataset.has_hr:
             maps["observed"] = np.asarray(dataset.hr_counts)[order]
@@ -158,7 +158,7 @@ def to_anndata(dataset: PreparedTiles, preds: TilePredictions, *, extra_uns: dic
         px_um = float(samples_meta[name]["pixel_size_um"])
         spatial[name] = {"scalefactors": {"spot_diameter_fullres": geom.hr_bin_um / px_um, "tissue_hires_scalef": 1.0,
                                           "bin_size_um": geom.hr_bin_um, "microns_per_pixel": px_um}}
-    obs = pd.concat([p.drop(columns=[]) for p in parts], ignore_index=True)
+    obs = pd.concat(parts, ignore_index=True)
     obs.index = [f"{s}_{r}_{c}" for s, r, c in zip(obs["sample"], obs["row"], obs["col"], strict=True)]
     obs["sample"] = obs["sample"].astype("category")
 
