@@ -136,7 +136,8 @@ def test_unknown_split_sample_and_existing_output(xenium_sample, tmp_path):
         prepare_dataset([xenium_sample], tmp_path / "p", tile_preset("cpu", 10), split=SplitSpec(test_samples=["C9"]),
                         progress=False)
     (tmp_path / "exists").mkdir()
-    with pytest.raises(InputError, match="already exists"):
+    (tmp_path / "exists" / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="not a prepared dataset written by Diff-ST"):
         prepare_dataset([xenium_sample], tmp_path / "exists", tile_preset("cpu", 10), progress=False)
 
 

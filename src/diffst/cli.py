@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import math
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -24,14 +28,40 @@ def _floats(text: str | None, n: int, what: str) -> tuple[float, ...] | None:
         values = tuple(float(v) for v in text.split(","))
     except ValueError:
         values = ()
-    if len(values) != n:
-        raise typer.BadParameter(f"{what} needs {n} comma-separated numbers, got '{text}'.")
+    if len(values) != n or not all(math.isfinite(v) for v in values):
+        raise typer.BadParameter(f"{what} needs {n} comma-separated numbers (finite), got '{text}'.")
     return values
 
 
-def _fail(exc: Exception) -> None:
-    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=2)
+def _fail(message: str, code: int = 2) -> NoReturn:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=code)
+
+
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turn every failure a user can cause into one readable line and a non-zero exit code."""
+    from pydantic import ValidationError
+
+    try:
+        yield
+    except DiffSTError as exc:
+        _fail(str(exc), getattr(exc, "exit_code", 2))
+    except ValidationError as exc:
+        _fail("; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg'].removeprefix('Value error, ')}"
+                        for e in exc.errors()))
+    except MemoryError:
+        _fail("out of memory; use fewer tiles, genes or samples (--samples), or a smaller --batch-size.")
+    except KeyboardInterrupt:
+        _fail("interrupted; nothing was written in place of an existing output.", 130)
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        _fail(f"{exc.strerror or exc}{where}; check the path, free disk space and permissions.")
+
+
+def _positive(value: int, flag: str, minimum: int = 1) -> None:
+    if value < minimum:
+        raise typer.BadParameter(f"{flag} must be at least {minimum}, got {value}.")
 
 
 @app.command()
@@ -57,26 +87,27 @@ def prepare(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
 ) -> None:
     """Tile samples into a prepared dataset (arrays + dataset.json + tiles.csv + preview.png)."""
+    from diffst.atomic import check_replaceable
     from diffst.data.geometry import tile_preset
-    from diffst.data.prepare import SplitSpec, prepare_dataset
+    from diffst.data.prepare import SplitSpec, is_prepared_dataset, prepare_dataset
 
-    try:
-        samples = _read_inputs(inputs or [], example, platform, image, pixel_size, _floats(image_origin, 2, "--image-origin"))
+    with _user_errors():
+        check_replaceable(out, "prepared dataset", is_prepared_dataset, overwrite)
         split = SplitSpec(
             test_samples=test_sample or [], val_samples=val_sample or [],
             test_region=_floats(test_region, 4, "--test-region"), val_region=_floats(val_region, 4, "--val-region"),
             train_stride_um=train_stride, eval_stride_um=eval_stride,
         )
+        geometry = tile_preset(preset, scale)
+        samples = _read_inputs(inputs or [], example, platform, image, pixel_size, _floats(image_origin, 2, "--image-origin"))
         if example and split.test_region is None and not split.test_samples:
             from diffst.example import EXAMPLE_TEST_REGION
 
             split.test_region = EXAMPLE_TEST_REGION
-        geometry = tile_preset(preset, scale)
         typer.echo(f"Geometry: {geometry.describe()}")
-        path = prepare_dataset(samples, out, geometry, n_genes=n_genes, genes=genes.split(",") if genes else None,
+        gene_list = [g.strip() for g in genes.split(",") if g.strip()] if genes else None
+        path = prepare_dataset(samples, out, geometry, n_genes=n_genes, genes=gene_list,
                                split=split, min_tissue_fraction=min_tissue, overwrite=overwrite)
-    except DiffSTError as exc:
-        _fail(exc)
     import json
 
     meta = json.loads((path / "dataset.json").read_text())
@@ -111,10 +142,8 @@ def train_command(
     from diffst.config import load_config
     from diffst.training import train
 
-    try:
+    with _user_errors():
         run_dir = train(load_config(config, set_ or []), resume=resume)
-    except DiffSTError as exc:
-        _fail(exc)
     typer.echo(f"Run folder: {run_dir}")
 
 
@@ -125,38 +154,62 @@ def predict(
     out: Annotated[Path, typer.Option(help="Output .h5ad (one row per HR bin).")] = Path("prediction.h5ad"),
     split: Annotated[str, typer.Option(help="Split of the prepared dataset: train, val or test.")] = "test",
     sampler: Annotated[str, typer.Option(help="ddpm, ddim or dpmpp.")] = "dpmpp",
-    steps: Annotated[int, typer.Option(help="Sampling steps; 0 = all 1000 (the paper's DDPM).")] = 20,
+    steps: Annotated[int, typer.Option(help="Sampling steps; 0 = all of the model's diffusion steps (the paper's DDPM).")] = 20,
     samples: Annotated[int, typer.Option(help="K samples per tile: mean in X, std in layers['std'].")] = 1,
     batch_size: Annotated[int, typer.Option(help="Tiles per batch.")] = 4,
     seed: Annotated[int, typer.Option(help="Random seed of the sampling noise.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     evaluate: Annotated[bool, typer.Option(help="Also compare with bicubic and the ground truth (if any).")] = True,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing prediction written by Diff-ST.")] = False,
 ) -> None:
     """Predict HR maps in counts and write AnnData (X = mean, layers std / observed, obsm spatial)."""
-    import json
-
+    from diffst.atomic import check_replaceable
     from diffst.diffusion.config import SamplerConfig
-    from diffst.inference.predict import predict_checkpoint, to_anndata, write_h5ad
+    from diffst.inference.predict import (
+        is_diffst_prediction,
+        predict_checkpoint,
+        resolve_device,
+        to_anndata,
+        write_h5ad,
+    )
 
-    try:
+    _positive(steps, "--steps", 0)
+    _positive(samples, "--samples")
+    _positive(batch_size, "--batch-size")
+    metrics_path = out.with_suffix(".metrics.json")
+    with _user_errors():
+        if out.suffix != ".h5ad":
+            raise typer.BadParameter(f"--out {out}: the prediction is AnnData; give a file name ending in .h5ad.")
+        check_replaceable(out, "prediction", is_diffst_prediction, overwrite)
+        if evaluate:
+            check_replaceable(metrics_path, "metrics file", _is_metrics_file, overwrite)
+        resolve_device(device)
         cfg = SamplerConfig(method=sampler, steps=steps or None, num_samples=samples)
         dataset, preds, extras = predict_checkpoint(checkpoint, data, split=split, sampler=cfg, batch_size=batch_size,
                                                     seed=seed, device=device)
-    except DiffSTError as exc:
-        _fail(exc)
-    adata = to_anndata(dataset, preds, extra_uns={"checkpoint": extras["checkpoint"], "sampler": extras["sampler"]})
-    write_h5ad(adata, out)
-    typer.echo(f"Wrote {out}: {adata.n_obs} HR bins x {adata.n_vars} genes")
-    if evaluate and dataset.has_hr:
-        from diffst.evaluation.report import evaluate_split
+        adata = to_anndata(dataset, preds, extra_uns={"checkpoint": extras["checkpoint"], "sampler": extras["sampler"]})
+        write_h5ad(adata, out)
+        typer.echo(f"Wrote {out}: {adata.n_obs} HR bins x {adata.n_vars} genes")
+        if evaluate and dataset.has_hr:
+            from diffst.atomic import atomic_output
+            from diffst.evaluation.report import evaluate_split
 
-        report = evaluate_split(dataset, {"diffst": preds.mean})
-        metrics_path = out.with_suffix(".metrics.json")
-        metrics_path.write_text(json.dumps(report, indent=2))
-        for name, m in report.items():
-            typer.echo(f"  {name:8s} PCC {m['pcc']:.3f}  RMSE(counts) {m['rmse_counts']:.3f}  "
-                       f"paper-protocol RMSE {m['paper_rmse']:.3f} |PCC| {m['paper_abs_pcc']:.3f}")
-        typer.echo(f"Metrics: {metrics_path}")
+            report = evaluate_split(dataset, {"diffst": preds.mean})
+            with atomic_output(metrics_path, directory=False) as tmp:
+                tmp.write_text(json.dumps(report, indent=2))
+            for name, m in report.items():
+                typer.echo(f"  {name:8s} PCC {m['pcc']:.3f}  RMSE(counts) {m['rmse_counts']:.3f}  "
+                           f"paper-protocol RMSE {m['paper_rmse']:.3f} |PCC| {m['paper_abs_pcc']:.3f}")
+            typer.echo(f"Metrics: {metrics_path}")
+
+
+def _is_metrics_file(path: Path) -> bool:
+    """A metrics JSON that ``diffst predict`` wrote (method name -> metrics with a signed PCC)."""
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and "bicubic" in report and "pcc" in report["bicubic"]
 
 
 @app.command()
@@ -171,13 +224,21 @@ def demo(
     """The main job on the built-in real Xenium crop: prepare, train, predict, compare, plot."""
     import logging
 
+    from diffst.atomic import check_writable_target
+    from diffst.data.geometry import tile_preset
     from diffst.demo import run_demo
+    from diffst.inference.predict import resolve_device
 
     logging.basicConfig(level=logging.WARNING)
-    try:
+    _positive(steps, "--steps")
+    _positive(samples, "--samples")
+    with _user_errors():
+        tile_preset("cpu", scale)
+        resolve_device(device)
+        check_writable_target(out, "demo output")
+        if out.exists() and not out.is_dir():
+            raise typer.BadParameter(f"--out {out} is a file; the demo writes a folder. Give a folder path.")
         report = run_demo(out, scale=scale, steps=steps, num_samples=samples, device=device, seed=seed)
-    except DiffSTError as exc:
-        _fail(exc)
     typer.echo(f"Held-out region, {report['setup']['test_tiles']} tiles, s = {scale}:")
     for name in ("bicubic", "diffst"):
         m = report[name]

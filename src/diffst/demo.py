@@ -9,10 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
+from diffst.atomic import atomic_output
 from diffst.config import parse_config
 from diffst.data.geometry import tile_preset
 from diffst.data.prepare import SplitSpec, prepare_dataset
 from diffst.diffusion.config import SamplerConfig
+from diffst.errors import InputError
 from diffst.evaluation.ceiling import split_half_ceiling
 from diffst.evaluation.report import evaluate_split
 from diffst.example import EXAMPLE_TEST_REGION, load_example
@@ -51,6 +53,10 @@ def run_demo(out: str | Path = "demo_output", scale: int = 10, steps: int = 2000
     from diffst.training.checkpoint import latest_checkpoint
 
     out = Path(out)
+    # Everything the user chose is checked before minutes of training.
+    sampler = SamplerConfig(method="dpmpp", steps=sampler_steps, num_samples=num_samples)
+    if steps < 1:
+        raise InputError(f"steps={steps}: the demo trains for at least one step.")
     out.mkdir(parents=True, exist_ok=True)
     timings = {}
     t0 = time.time()
@@ -65,7 +71,6 @@ def run_demo(out: str | Path = "demo_output", scale: int = 10, steps: int = 2000
     timings["train_s"] = time.time() - t0
 
     t0 = time.time()
-    sampler = SamplerConfig(method="dpmpp", steps=sampler_steps, num_samples=num_samples)
     dataset, preds, extras = predict_checkpoint(run_dir, prepared, split="test", sampler=sampler, seed=seed,
                                                 device=device, progress=progress)
     timings["predict_s"] = time.time() - t0
@@ -80,7 +85,8 @@ def run_demo(out: str | Path = "demo_output", scale: int = 10, steps: int = 2000
     report["timings"] = {k: round(v, 1) for k, v in timings.items()}
     report["setup"] = {"scale": scale, "train_steps": steps, "sampler": extras["sampler"], "test_tiles": len(dataset),
                        "genes": dataset.genes, "hr_bin_um": geom.hr_bin_um, "lr_bin_um": geom.lr_bin_um}
-    (out / f"metrics_s{scale}.json").write_text(json.dumps(report, indent=2))
+    with atomic_output(out / f"metrics_s{scale}.json", directory=False) as tmp:
+        tmp.write_text(json.dumps(report, indent=2))
 
     tile = int(np.argmax(dataset.tiles["n_counts"].to_numpy()))
     truth = np.asarray(dataset.hr_counts[tile])

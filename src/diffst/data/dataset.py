@@ -25,6 +25,25 @@ def _transform(a: np.ndarray, k: int, flip: bool) -> np.ndarray:
     return np.rot90(a, k, axes=(-2, -1))
 
 
+def describe_gene_mismatch(model_genes: list[str], data_genes: list[str]) -> str:
+    """Say which genes differ between a model and a dataset (missing, extra, or the same set reordered)."""
+    missing = [g for g in model_genes if g not in data_genes]
+    extra = [g for g in data_genes if g not in model_genes]
+
+    def show(genes: list[str]) -> str:
+        return ", ".join(genes[:10]) + (f" and {len(genes) - 10} more" if len(genes) > 10 else "")
+
+    if missing or extra:
+        parts = [f"the model's genes {show(missing)} are not in the dataset"] if missing else []
+        parts += [f"the dataset's genes {show(extra)} are not in the model"] if extra else []
+        return "Gene lists differ: " + "; ".join(parts) + "."
+    if len(model_genes) != len(data_genes):
+        return f"Gene lists differ in length ({len(model_genes)} for the model, {len(data_genes)} in the dataset)."
+    first = next(i for i, (a, b) in enumerate(zip(model_genes, data_genes, strict=True)) if a != b)
+    return (f"Same genes in a different order: position {first} is {model_genes[first]} for the model but "
+            f"{data_genes[first]} in the dataset.")
+
+
 class PreparedTiles(Dataset):
     """Tiles of one split of a prepared dataset, in model space.
 
@@ -56,10 +75,8 @@ class PreparedTiles(Dataset):
         # A model trained elsewhere brings its own normaliser: its model space is the one that counts.
         self.normaliser = normaliser or LogScaleNormaliser(**self.meta["normaliser"])
         if self.normaliser.genes != self.genes:
-            raise InputError(
-                f"The normaliser's genes ({self.normaliser.genes[:5]}...) differ from this dataset's "
-                f"({self.genes[:5]}...). Prepare the dataset with the model's gene list (--genes)."
-            )
+            raise InputError(f"{describe_gene_mismatch(self.normaliser.genes, self.genes)} Prepare the dataset with "
+                             f"the model's gene list: --genes {','.join(self.normaliser.genes)}")
         self.has_hr = bool(self.meta["has_hr"])
 
         def load(name: str) -> np.ndarray:

@@ -21,17 +21,19 @@ Everything is written to a temporary folder first and moved into place at the en
 from __future__ import annotations
 
 import json
-import shutil
+import logging
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from tqdm.auto import tqdm
 
 import diffst
+from diffst.atomic import atomic_output, check_replaceable
 from diffst.data.geometry import TileGeometry
 from diffst.data.normalise import LogScaleNormaliser
 from diffst.data.sample import Sample
@@ -40,6 +42,8 @@ from diffst.errors import GeometryError, InputError
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
+DATASET_ENTRIES = {"dataset.json", "tiles.csv", "preview.png", *SPLITS}
+log = logging.getLogger("diffst.data")
 Rect = tuple[float, float, float, float]
 
 
@@ -50,8 +54,21 @@ class SplitSpec(BaseModel):
     val_samples: list[str] = Field(default_factory=list)
     test_region: Rect | None = None
     val_region: Rect | None = None
-    train_stride_um: float | None = None  # default: half a tile
-    eval_stride_um: float | None = None  # default: half a tile (val/test)
+    train_stride_um: float | None = Field(None, gt=0)  # default: half a tile
+    eval_stride_um: float | None = Field(None, gt=0)  # default: half a tile (val/test)
+
+    @field_validator("test_region", "val_region")
+    @classmethod
+    def _finite_rectangle(cls, rect: Rect | None, info) -> Rect | None:
+        if rect is None:
+            return rect
+        flag = "--" + info.field_name.replace("_", "-")
+        if not all(math.isfinite(v) for v in rect):
+            raise ValueError(f"{flag} {','.join(map(str, rect))} holds a value that is not a finite number; "
+                             "give x0,y0,x1,y1 in microns")
+        if rect[2] <= rect[0] or rect[3] <= rect[1]:
+            raise ValueError(f"{flag} {','.join(map(str, rect))} is empty: it needs x0 < x1 and y0 < y1 (microns)")
+        return rect
 
 
 def select_genes(samples: Sequence[Sample], n_genes: int | None, genes: Sequence[str] | None,
@@ -59,6 +76,9 @@ def select_genes(samples: Sequence[Sample], n_genes: int | None, genes: Sequence
     """The given gene list (checked against every sample), or the top-N genes by total counts in
     the training data (outside held-out samples and regions), among genes present in every sample."""
     if genes:
+        repeated = sorted({g for g in genes if list(genes).count(g) > 1})
+        if repeated:
+            raise InputError(f"The gene list names {repeated} more than once; list each gene once (--genes).")
         for s in samples:
             s.gene_indices(list(genes))
         return list(genes)
@@ -109,8 +129,8 @@ def plan_tiles(samples: Sequence[Sample], geom: TileGeometry, split: SplitSpec) 
         unknown = set(listed) - names
         if unknown:
             raise InputError(f"Split names unknown sample(s) {sorted(unknown)}; samples are {sorted(names)}.")
-    train_stride = split.train_stride_um or geom.tile_um / 2
-    eval_stride = split.eval_stride_um or geom.tile_um / 2
+    train_stride = geom.tile_um / 2 if split.train_stride_um is None else split.train_stride_um
+    eval_stride = geom.tile_um / 2 if split.eval_stride_um is None else split.eval_stride_um
     plan = []
     for s in samples:
         region = _sample_region(s, geom)
@@ -120,13 +140,48 @@ def plan_tiles(samples: Sequence[Sample], geom: TileGeometry, split: SplitSpec) 
             continue
         held = {k: r for k, r in (("test", split.test_region), ("val", split.val_region)) if r is not None}
         for which, rect in held.items():
-            sub = (max(rect[0], region[0]), max(rect[1], region[1]), min(rect[2], region[2]), min(rect[3], region[3]))
-            plan += [(which, s.name, x, y) for x, y in plan_origins(sub, geom, eval_stride)]
+            plan += [(which, s.name, x, y) for x, y in _held_out_origins(s, rect, region, geom, eval_stride, which)]
         for x, y in plan_origins(region, geom, train_stride):
             box = (x, y, x + geom.tile_um, y + geom.tile_um)
             if not any(intersects(box, r) for r in held.values()):
                 plan.append(("train", s.name, x, y))
     return plan
+
+
+def _held_out_origins(sample: Sample, rect: Rect, region: Rect, geom: TileGeometry, stride: float,
+                      which: str) -> list[tuple[float, float]]:
+    """Tile origins inside a held-out rectangle, cut to the sample's data; a rectangle that misses the
+    data or is too small for one tile is an error in the user's terms."""
+    sub = (max(rect[0], region[0]), max(rect[1], region[1]), min(rect[2], region[2]), min(rect[3], region[3]))
+    flag = f"--{which}-region {','.join(f'{v:g}' for v in rect)}"
+    extent = ",".join(f"{v:.0f}" for v in region)
+    if sub[2] <= sub[0] or sub[3] <= sub[1]:
+        raise GeometryError(f"{flag} lies outside the data of sample {sample.name} (x0,y0,x1,y1 = {extent} µm). "
+                            "Give a region inside that extent, in slide microns.")
+    if sub[2] - sub[0] < geom.tile_um - 1e-6 or sub[3] - sub[1] < geom.tile_um - 1e-6:
+        raise GeometryError(
+            f"{flag} covers only {sub[2] - sub[0]:.0f} x {sub[3] - sub[1]:.0f} µm of sample {sample.name}'s data "
+            f"(extent {extent} µm), less than one {geom.tile_um:g} µm tile. Enlarge the region.")
+    return plan_origins(sub, geom, stride)
+
+
+def _normaliser_split(tiles: dict[str, list[TileArrays]], split: SplitSpec, samples: Sequence[Sample]) -> str:
+    """The split the normalisation is fitted on: always train, except for a prediction-only dataset
+    (every sample held out whole), whose own normaliser only serves display; predictions use the model's."""
+    if tiles["train"]:
+        return "train"
+    held_samples = set(split.test_samples) | set(split.val_samples)
+    if held_samples >= {s.name for s in samples}:
+        which = "val" if tiles["val"] else "test"
+        log.warning("no training tiles: every sample is held out, so this is a prediction-only dataset; its "
+                    "normaliser is fitted on the %d %s tiles (predict uses the model's own)", len(tiles[which]), which)
+        return which
+    regions = "; ".join(f"--{k}-region {','.join(f'{v:g}' for v in r)}" for k, r in
+                        (("test", split.test_region), ("val", split.val_region)) if r is not None)
+    raise InputError(
+        f"No training tiles are left: the held-out regions ({regions or 'none'}) cover all tissue with enough "
+        f"room for a tile ({len(tiles['val'])} val, {len(tiles['test'])} test tiles). Shrink the held-out regions, "
+        "or hold out whole samples (--test-sample) to prepare a prediction-only dataset.")
 
 
 def prepare_dataset(
@@ -147,12 +202,10 @@ def prepare_dataset(
     Returns the folder. Writes ``dataset.json``, ``tiles.csv``, the per-split arrays and
     ``preview.png``. The normalisation is fitted on the training tiles only.
     """
-    out_dir = Path(out_dir)
     split = split or SplitSpec()
     if not samples:
         raise InputError("No samples given to prepare.")
-    if out_dir.exists() and not overwrite:
-        raise InputError(f"Output folder {out_dir} already exists; pass overwrite=True (--overwrite) to replace it.")
+    out_dir = check_replaceable(out_dir, "prepared dataset", is_prepared_dataset, overwrite)
     for s in samples:
         if s.image is None:
             raise InputError(f"Sample {s.name} has no image; Diff-ST needs the registered histology image.")
@@ -187,7 +240,8 @@ def prepare_dataset(
         )
     _check_no_leak(rows)
     has_hr = all(s.has_points for s in samples)
-    fit_source = tiles["train"] or tiles["val"] or tiles["test"]
+    fit_split = _normaliser_split(tiles, split, samples)
+    fit_source = tiles[fit_split]
     if has_hr:
         normaliser = LogScaleNormaliser.fit(np.stack([t.hr_counts for t in fit_source]), chosen)
     else:
@@ -196,23 +250,8 @@ def prepare_dataset(
     table = pd.DataFrame(rows)
     table.insert(0, "tile_id", [f"{r['split']}_{r['index']:05d}" for r in rows])
 
-    tmp = out_dir.parent / f".{out_dir.name}.partial-{int(time.time() * 1000)}"
-    tmp.mkdir(parents=True)
-    try:
-        for which in SPLITS:
-            group = tiles[which]
-            if not group:
-                continue
-            folder = tmp / which
-            folder.mkdir()
-            np.save(folder / "lr_counts.npy", np.stack([t.lr_counts for t in group]).astype(np.float32))
-            np.save(folder / "lr_mask.npy", np.stack([t.lr_mask for t in group]))
-            if has_hr:
-                np.save(folder / "hr_counts.npy", np.stack([t.hr_counts for t in group]).astype(np.float32))
-            np.save(folder / "tissue.npy", np.stack([t.tissue for t in group]))
-            np.save(folder / "cells.npy", np.stack([t.cells for t in group]))
-            np.save(folder / "cell_entropy.npy", np.stack([t.cell_entropy for t in group]))
-        table.to_csv(tmp / "tiles.csv", index=False)
+    with atomic_output(out_dir, directory=True) as tmp:
+        _write_dataset(tmp, tiles, table, has_hr)
         meta = {
             "format": "diffst-prepared",
             "format_version": FORMAT_VERSION,
@@ -221,6 +260,7 @@ def prepare_dataset(
             "geometry": geometry.to_dict(),
             "genes": chosen,
             "normaliser": normaliser.model_dump(),
+            "normaliser_fitted_on": fit_split,
             "has_hr": has_hr,
             "image_channels": int(samples[0].image.n_channels),
             "split": split.model_dump(),
@@ -231,19 +271,51 @@ def prepare_dataset(
                          "um_to_px": s.image.um_to_px.tolist(),
                          "meta": {k: str(v) for k, v in s.meta.items()}} for s in samples],
         }
-        (tmp / "dataset.json").write_text(json.dumps(meta, indent=2))
         if preview:
             from diffst.plotting.preview import plot_tile_preview
 
             best = max((t for g in tiles.values() for t in g), key=lambda t: t.n_transcripts)
             plot_tile_preview(best, chosen, tmp / "preview.png", normaliser=None)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        # Written last: a folder with dataset.json is a complete dataset.
+        (tmp / "dataset.json").write_text(json.dumps(meta, indent=2))
     return out_dir
+
+
+def _write_dataset(folder: Path, tiles: dict[str, list[TileArrays]], table: pd.DataFrame, has_hr: bool) -> None:
+    """The per-split arrays and tiles.csv of a prepared dataset."""
+    for which in SPLITS:
+        group = tiles[which]
+        if not group:
+            continue
+        sub = folder / which
+        sub.mkdir()
+        np.save(sub / "lr_counts.npy", np.stack([t.lr_counts for t in group]).astype(np.float32))
+        np.save(sub / "lr_mask.npy", np.stack([t.lr_mask for t in group]))
+        if has_hr:
+            np.save(sub / "hr_counts.npy", np.stack([t.hr_counts for t in group]).astype(np.float32))
+        np.save(sub / "tissue.npy", np.stack([t.tissue for t in group]))
+        np.save(sub / "cells.npy", np.stack([t.cells for t in group]))
+        np.save(sub / "cell_entropy.npy", np.stack([t.cell_entropy for t in group]))
+    table.to_csv(folder / "tiles.csv", index=False)
+
+
+def is_prepared_dataset(path: Path) -> bool:
+    """True when ``path`` is a folder that Diff-ST prepared and that holds nothing else (so replacing it
+    loses nothing of the user's)."""
+    meta_file = path / "dataset.json"
+    if not path.is_dir() or not meta_file.is_file():
+        return False
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(meta, dict) or meta.get("format") != "diffst-prepared":
+        return False
+    extra = sorted(p.name for p in path.iterdir() if p.name not in DATASET_ENTRIES)
+    if extra:
+        log.warning("%s is a prepared dataset but also holds %s, which Diff-ST did not write", path, extra[:5])
+        return False
+    return True
 
 
 def _check_no_leak(rows: list[dict]) -> None:

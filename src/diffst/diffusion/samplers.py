@@ -208,6 +208,9 @@ def sample(
         fn = SAMPLERS[method]
     except KeyError:
         raise InputError(f"unknown sampler {method!r}; choose one of {sorted(SAMPLERS)}") from None
+    if steps is not None and not 1 <= steps <= diffusion.num_timesteps:
+        raise InputError(f"steps={steps}: the sampler takes between 1 and the process's {diffusion.num_timesteps} "
+                         "steps (None or 0 on the command line = all of them)")
     if method != "ddim" and kw.get("eta", 0.0) not in (0, 0.0):
         raise InputError(f"eta={kw['eta']} is only used by the 'ddim' sampler, not {method!r}")
     if method != "ddim":

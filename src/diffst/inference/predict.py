@@ -3,6 +3,7 @@ grid per sample and write AnnData (one row per HR bin)."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from diffst.diffusion.config import SamplerConfig
 from diffst.diffusion.process import GaussianDiffusion
 from diffst.diffusion.samplers import sample_k
 from diffst.diffusion.target import decode_target
+from diffst.errors import InputError
 
 
 @dataclass
@@ -60,6 +62,8 @@ def predict_tiles(
     Tiles are processed in batches; the noise of batch b comes from a generator seeded with
     (seed, b), so results do not depend on what else runs and are reproducible from the seed.
     """
+    if batch_size < 1:
+        raise InputError(f"batch_size={batch_size}: give at least one tile per batch (--batch-size 1 or more).")
     device = torch.device(device)
     model.eval()
     n = len(dataset)
@@ -177,24 +181,68 @@ def to_anndata(dataset: PreparedTiles, preds: TilePredictions, *, extra_uns: dic
     return adata
 
 
-def write_h5ad(adata, path: str | Path) -> Path:
-    """Write atomically: a failure never leaves a half-written file at ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
+def is_diffst_prediction(path: Path) -> bool:
+    """True when ``path`` is an .h5ad that Diff-ST wrote (it carries ``uns['diffst']``)."""
+    import h5py
+
     try:
+        with h5py.File(path, "r") as fh:
+            return "uns" in fh and "diffst" in fh["uns"]
+    except (OSError, ValueError):
+        return False
+
+
+def write_h5ad(adata, path: str | Path) -> Path:
+    """Write atomically: a failure never leaves a half-written file at ``path`` (nor litter beside it)."""
+    from diffst.atomic import atomic_output
+
+    path = Path(path)
+    with atomic_output(path, directory=False) as tmp:
         adata.write_h5ad(tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
+def check_finite(preds: TilePredictions, source: str | Path) -> None:
+    """Refuse to hand on predictions that hold NaN or infinity."""
+    bad = ~np.isfinite(preds.mean)
+    if bad.any() or not np.isfinite(preds.std).all():
+        raise InputError(
+            f"The model in {source} produced non-finite values (NaN or infinity) in {bad.mean():.1%} of the predicted "
+            "bins, so nothing was written. Its weights are probably corrupt or its training diverged (look for NaN "
+            "in metrics.csv); use an earlier checkpoint or train again."
+        )
+
+
 def resolve_device(device: str) -> torch.device:
-    """``auto`` picks CUDA when available, else CPU."""
+    """``auto`` picks CUDA when available, else CPU; asking for CUDA where there is none is an error."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"Unknown device '{device}'; use auto, cpu or cuda.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"Device '{device}' was requested but this machine has no usable CUDA GPU; use --device cpu "
+                         "or auto.")
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"Device '{device}' is not supported; use auto, cpu or cuda.")
+    return dev
+
+
+def check_sample_memory(n_tiles: int, n_genes: int, tile_hr: int, k: int) -> None:
+    """Refuse a number of samples K whose arrays would not fit in half of this machine's memory."""
+    # K samples in model space plus their counts, and mean/std/observed per tile, all float32.
+    needed = 4 * n_tiles * n_genes * tile_hr * tile_hr * (2 * k + 3)
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 16 * 2**30
+    if needed > total / 2:
+        k_max = max(1, int((total / 2 / (4 * n_tiles * n_genes * tile_hr * tile_hr) - 3) // 2))
+        raise InputError(
+            f"--samples {k} would need {needed / 2**30:.1f} GB for {n_tiles} tiles of {n_genes} genes, more than half "
+            f"of this machine's {total / 2**30:.0f} GB; use --samples {k_max} or fewer."
+        )
 
 
 def predict_checkpoint(
@@ -214,7 +262,6 @@ def predict_checkpoint(
     normaliser and gene list, so outputs are in counts whatever dataset the model was trained on.
     """
     from diffst.data.normalise import LogScaleNormaliser
-    from diffst.errors import InputError
     from diffst.training.checkpoint import load_checkpoint
 
     dev = resolve_device(device)
@@ -228,8 +275,16 @@ def predict_checkpoint(
             f"{dataset.geometry.scale}; prepare the data with --scale {trained['geometry']['scale']}."
         )
     sampler = sampler or cfg.sampler
+    if sampler.steps is not None and sampler.steps > cfg.diffusion.num_timesteps:
+        raise InputError(f"--steps {sampler.steps} exceeds the model's {cfg.diffusion.num_timesteps} diffusion steps; "
+                         f"use 1 to {cfg.diffusion.num_timesteps} (0 = all).")
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise InputError(f"The checkpoint {extras['path']} holds NaN or infinite weights; its training diverged or the "
+                         "file is corrupt. Use an earlier checkpoint or train again.")
+    check_sample_memory(len(dataset), len(dataset.genes), dataset.geometry.tile_hr, sampler.num_samples)
     diffusion = GaussianDiffusion(cfg.diffusion)
     preds = predict_tiles(model, diffusion, dataset, sampler, entropy_threshold=extras["entropy_threshold"],
                           batch_size=batch_size, seed=seed, device=dev, progress=progress)
+    check_finite(preds, extras["path"])
     extras = {**extras, "sampler": sampler.model_dump(), "seed": seed, "checkpoint": str(extras["path"])}
     return dataset, preds, extras
