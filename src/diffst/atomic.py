@@ -149,6 +149,9 @@ def _exchange(a: Path, b: Path) -> bool:
 def swap_into_place(new: Path, target: Path) -> None:
     """Move the complete output ``new`` to ``target``, replacing what is there; at every moment the
     target is either the old complete output or the new one."""
+    if target.resolve() in protected_paths():  # last line of defence, whatever the caller checked
+        raise InputError(f"Refusing to replace {target}: it is the filesystem root, the home folder, the working "
+                         "directory or one of its parents.")
     if not target.exists():
         os.replace(new, target)
         return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 from collections.abc import Iterator
@@ -72,6 +73,9 @@ def prepare(
     platform: Annotated[str, typer.Option(help="auto, xenium, visium, visium_hd, legacy_st or anndata.")] = "auto",
     image: Annotated[Path | None, typer.Option(help="Image file, when not found in the sample folder.")] = None,
     pixel_size: Annotated[float | None, typer.Option(help="Image microns per pixel (else from metadata).")] = None,
+    force_pixel_size: Annotated[bool, typer.Option(help="Xenium: use --pixel-size even where the image metadata or "
+                                                        "the transcript/image agreement disagree (warn only).")] = False,
+    min_qv: Annotated[float | None, typer.Option(help="Xenium: drop transcripts below this quality (default 20).")] = None,
     image_origin: Annotated[str | None, typer.Option(help="x,y microns of the image's top-left corner (Xenium crops).")] = None,
     preset: Annotated[str, typer.Option(help="Tile geometry preset: cpu or paper.")] = "cpu",
     scale: Annotated[int, typer.Option(help="Super-resolution factor s (5 or 10).")] = 10,
@@ -99,7 +103,9 @@ def prepare(
             train_stride_um=train_stride, eval_stride_um=eval_stride,
         )
         geometry = tile_preset(preset, scale)
-        samples = _read_inputs(inputs or [], example, platform, image, pixel_size, _floats(image_origin, 2, "--image-origin"))
+        samples = _read_inputs(inputs or [], example, platform, {
+            "image": image, "pixel_size_um": pixel_size, "image_origin_um": _floats(image_origin, 2, "--image-origin"),
+            "force_pixel_size": force_pixel_size, "min_qv": min_qv})
         if example and split.test_region is None and not split.test_samples:
             from diffst.example import EXAMPLE_TEST_REGION
 
@@ -114,7 +120,11 @@ def prepare(
     typer.echo(f"Wrote {path}: tiles {meta['n_tiles']}, {len(meta['genes'])} genes, preview {path / 'preview.png'}")
 
 
-def _read_inputs(inputs, example, platform, image, pixel_size, origin):
+_READER_FLAGS = {"image": "--image", "pixel_size_um": "--pixel-size", "image_origin_um": "--image-origin",
+                 "force_pixel_size": "--force-pixel-size", "min_qv": "--min-qv"}
+
+
+def _read_inputs(inputs, example, platform, options: dict):
     if example:
         from diffst.example import load_example
 
@@ -123,13 +133,24 @@ def _read_inputs(inputs, example, platform, image, pixel_size, origin):
         raise typer.BadParameter("Give at least one sample path, or --example for the built-in data.")
     from diffst import io
 
-    kwargs = {"image": image, "pixel_size_um": pixel_size, "image_origin_um": origin}
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    readers = {"auto": io.read_sample, "xenium": io.read_xenium, "visium": io.read_visium,
-               "visium_hd": io.read_visium, "legacy_st": io.read_sample, "anndata": io.read_anndata}
-    if platform not in readers:
-        raise typer.BadParameter(f"Unknown platform '{platform}'; choose one of {sorted(readers)}.")
-    return [readers[platform](p, **kwargs) for p in inputs]
+    platforms = ("auto", "xenium", "visium", "visium_hd", "legacy_st", "anndata")
+    if platform not in platforms:
+        raise typer.BadParameter(f"Unknown platform '{platform}'; choose one of {list(platforms)}.")
+    kwargs = {k: v for k, v in options.items() if v not in (None, False)}
+    samples = []
+    for path in inputs:
+        detected = io.detect_platform(path)
+        which = detected if platform == "auto" else platform
+        if which.removesuffix("_hd") != detected:
+            raise typer.BadParameter(f"--platform {platform}: {path} looks like {detected} data, not {which}. "
+                                     "Use --platform auto, or point to the right files.")
+        reader = {"xenium": io.read_xenium, "visium": io.read_visium, "legacy_st": io.read_legacy_st,
+                  "anndata": io.read_anndata}[detected]
+        unused = [_READER_FLAGS[k] for k in kwargs if k not in inspect.signature(reader).parameters]
+        if unused:
+            raise typer.BadParameter(f"{', '.join(unused)} does not apply to {path} (read as {which}); drop it.")
+        samples.append(io.read_sample(path, **kwargs))
+    return samples
 
 
 @app.command("train")

@@ -9,7 +9,7 @@ import scipy.sparse as sp
 
 from diffst.data.sample import Sample, SpotTable
 from diffst.errors import GeometryError, InputError
-from diffst.io.image import SlideImage
+from diffst.io.image import SlideImage, positive_number
 
 
 def check_raw_counts(matrix, what: str = "X") -> None:
@@ -118,7 +118,14 @@ def read_anndata(
             f"adata.obsm has no '{spatial_key}' (keys: {list(adata.obsm.keys())}); pass spatial_key= the key of the "
             "(n_obs, 2) spot coordinates."
         )
-    coords = np.asarray(adata.obsm[spatial_key], dtype=float)
+    if adata.n_obs == 0:
+        raise InputError(f"The AnnData {label} has no observations (0 spots / cells); nothing to read.")
+    try:
+        coords = np.asarray(adata.obsm[spatial_key], dtype=float)
+    except (TypeError, ValueError) as exc:
+        raise InputError(
+            f"adata.obsm['{spatial_key}'] holds non-numeric values ({exc}); expected (n_obs, 2) numbers (x, y)."
+        ) from exc
     if coords.ndim != 2 or coords.shape[0] != adata.n_obs or coords.shape[1] < 2:
         raise InputError(
             f"adata.obsm['{spatial_key}'] has shape {coords.shape}; expected ({adata.n_obs}, 2) (x, y) per observation."
@@ -155,6 +162,8 @@ def read_anndata(
 
     if coords_unit not in ("px", "um"):
         raise InputError(f"coords_unit={coords_unit!r}; expected 'px' (image pixels) or 'um' (microns).")
+    if pixel_size_um is not None:
+        pixel_size_um = positive_number(pixel_size_um, "pixel_size_um (--pixel-size)")
     if isinstance(image, SlideImage):
         slide_image = image
         px_size = pixel_size_um if pixel_size_um is not None else image.pixel_size_um

@@ -33,16 +33,46 @@ def tiff_pixel_size_um(path: str | Path) -> float | None:
 
 
 def _ome_pixel_size_um(ome_xml: str | None) -> float | None:
-    """Physical pixel size (µm) from OME-XML, or None when absent."""
+    """Physical pixel size (µm) from OME-XML; None when absent, NaN when present but not a positive number."""
     if not ome_xml:
         return None
-    match = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', ome_xml)
+    match = re.search(r'PhysicalSizeX="([^"]*)"', ome_xml)
     if not match:
         return None
     unit = re.search(r'PhysicalSizeXUnit="([^"]+)"', ome_xml)
-    value = float(match.group(1))
+    try:
+        value = float(match.group(1))
+    except ValueError:
+        return float("nan")
+    if not (np.isfinite(value) and value > 0):
+        return float("nan")
     factor = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3}.get(unit.group(1) if unit else "µm", 1.0)
     return value * factor
+
+
+def positive_number(value, what: str) -> float:
+    """``value`` as a positive finite float; raises GeometryError naming ``what`` (the user's keyword / flag)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not (np.isfinite(number) and number > 0):
+        raise GeometryError(f"{what} must be a positive number of microns per pixel, got {value!r}.")
+    return number
+
+
+def origin_xy(origin_um) -> tuple[float, float]:
+    """``origin_um`` as two finite floats (x, y); raises GeometryError naming ``image_origin_um`` otherwise."""
+    try:
+        ox, oy = np.asarray(origin_um, dtype=float).reshape(2)
+    except (TypeError, ValueError):
+        ox = oy = float("nan")
+    if not (np.isfinite(ox) and np.isfinite(oy)):
+        raise GeometryError(
+            f"image_origin_um (--image-origin) must be two finite numbers x, y (microns of the image's top-left "
+            f"corner), got {origin_um!r}."
+        )
+    return float(ox), float(oy)
 
 
 def resample_area(hwc: np.ndarray, out_h: int, out_w: int, box: tuple[float, float, float, float] | None = None) -> np.ndarray:
@@ -76,7 +106,8 @@ class SlideImage:
         ``um_to_px`` is given.
     um_to_px
         Optional 3 x 3 affine matrix mapping (x_um, y_um, 1) to (col, row, 1), for images that are
-        rotated or sheared relative to the slide (e.g. an H&E image aligned to Xenium).
+        rotated or sheared relative to the slide (e.g. an H&E image aligned to Xenium); the image's
+        ``from_matrix`` attribute then is True.
     channel_axis
         For arrays / TIFFs stored channel-first (C, rows, cols), give 0.
     """
@@ -111,22 +142,27 @@ class SlideImage:
                     f"Unsupported image format '{suffix}' for {self.path}; use TIFF/OME-TIFF, JPEG or PNG."
                 )
         if pixel_size_um is None:
+            if ome_px is not None and np.isnan(ome_px):
+                raise GeometryError(
+                    f"The OME metadata of image {self.path} has a PhysicalSizeX that is not a positive number. "
+                    "Pass pixel_size_um (--pixel-size), the microns per pixel of the image."
+                )
             pixel_size_um = ome_px
         if pixel_size_um is None:
             raise GeometryError(
                 f"The pixel size of image {self.path or 'array'} is unknown: it has no OME PhysicalSizeX. "
                 "Pass pixel_size_um (microns per pixel, e.g. 0.2125 for a Xenium morphology image)."
             )
-        if not np.isfinite(pixel_size_um) or pixel_size_um <= 0:
-            raise GeometryError(f"pixel_size_um must be a positive number of microns per pixel, got {pixel_size_um}.")
+        pixel_size_um = positive_number(pixel_size_um, "pixel_size_um (--pixel-size)")
         base = self._levels[0]
         if base.ndim not in (2, 3):
             raise InputError(f"Image {self.path or 'array'} has {base.ndim} dimensions; expected 2 (rows, cols) or 3.")
         if base.dtype not in (np.uint8, np.uint16, np.float32, np.float64):
             raise InputError(f"Image dtype {base.dtype} is not supported; expected uint8, uint16 or float.")
-        self.pixel_size_um = float(pixel_size_um)
+        self.pixel_size_um = pixel_size_um
+        self.from_matrix = um_to_px is not None  # placed by an alignment matrix, not pixel size + origin
         if um_to_px is None:
-            ox, oy = float(origin_um[0]), float(origin_um[1])
+            ox, oy = origin_xy(origin_um)
             um_to_px = np.array(
                 [[1 / self.pixel_size_um, 0, -ox / self.pixel_size_um], [0, 1 / self.pixel_size_um, -oy / self.pixel_size_um], [0, 0, 1]]
             )
@@ -147,12 +183,30 @@ class SlideImage:
                 series = tif.series[0]
                 axes = series.axes
                 n_levels = len(series.levels)
+                # The strips / tiles must lie inside the file: a cut-off copy otherwise opens fine and
+                # fails only when tiling reaches its missing end.
+                ends = [max(np.add(page.dataoffsets, page.databytecounts), default=0)
+                        for level in series.levels for page in level.pages if page is not None]
+            size = self.path.stat().st_size
         except Exception as exc:  # tifffile raises many types on damaged files
             raise InputError(f"Cannot read TIFF {self.path}: {exc}. The file may be truncated or not a TIFF.") from exc
+        if max(ends, default=0) > size:
+            raise InputError(
+                f"Cannot read image {self.path}: the file is truncated ({size:,} bytes, but its pixel data run to "
+                f"{max(ends):,} bytes). Copy or export the image again."
+            )
         for level in range(n_levels):
             store = tifffile.imread(self.path, aszarr=True, series=0, level=level)
             arr = zarr.open(store, mode="r")
             self._levels.append(_ChannelLast(arr, axes, channel_axis))
+        try:  # decode the far corner of the smallest level: one strip / tile, cheap
+            lowest = self._levels[-1]
+            lowest[lowest.shape[0] - 1 : lowest.shape[0], lowest.shape[1] - 1 : lowest.shape[1]]
+        except Exception as exc:
+            raise InputError(
+                f"Cannot read image {self.path}: decoding its last strip / tile failed ({exc}). The file is "
+                "truncated or corrupt; copy or export the image again."
+            ) from exc
         return ome_px
 
     def _open_plain(self) -> np.ndarray:

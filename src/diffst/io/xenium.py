@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -9,8 +10,10 @@ import numpy as np
 import pandas as pd
 
 from diffst.data.sample import Sample
-from diffst.errors import InputError
-from diffst.io.image import SlideImage, tiff_pixel_size_um
+from diffst.errors import GeometryError, InputError
+from diffst.io.image import SlideImage, origin_xy, positive_number, tiff_pixel_size_um
+
+log = logging.getLogger("diffst.io")
 
 XENIUM_PIXEL_SIZE_UM = 0.2125
 CONTROL_PREFIXES = (
@@ -57,20 +60,60 @@ def read_transcripts(path: str | Path, min_qv: float = 20.0, drop_controls: bool
         )
     if table["feature_name"].dtype == object and len(table) and isinstance(table["feature_name"].iloc[0], bytes):
         table["feature_name"] = table["feature_name"].str.decode("utf-8")
+    if len(table) == 0:
+        raise InputError(f"{path} holds no transcripts (0 rows below the header). Is the file complete?")
+    columns = {c: _numeric(table, c, path) for c in ("x_location", "y_location", "qv") if c in table.columns}
+    bad = ~(np.isfinite(columns["x_location"]) & np.isfinite(columns["y_location"]))
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        raise GeometryError(
+            f"x_location / y_location of {path} are empty, NaN or infinite in {len(rows)} of {len(table)} rows "
+            f"(e.g. data row {rows[0] + 1}); drop or fix those rows."
+        )
+    names = table["feature_name"]
+    if names.isna().any():
+        rows = np.flatnonzero(names.isna().to_numpy())
+        raise InputError(
+            f"{path}: {len(rows)} row(s) have an empty feature_name (e.g. data row {rows[0] + 1}); "
+            "every transcript needs its gene name."
+        )
+    names = names.astype(str)
     keep = np.ones(len(table), dtype=bool)
-    if "qv" in table.columns and min_qv is not None:
-        keep &= table["qv"].to_numpy() >= min_qv
-    names = table["feature_name"].astype(str)
-    if drop_controls:
-        keep &= ~names.str.startswith(CONTROL_PREFIXES).to_numpy()
+    low_qv = np.zeros(len(table), dtype=bool)
+    if "qv" in columns and min_qv is not None:
+        low_qv = ~(columns["qv"] >= min_qv)  # NaN qv counts as low quality
+        keep &= ~low_qv
+    controls = names.str.startswith(CONTROL_PREFIXES).to_numpy() if drop_controls else np.zeros(len(table), bool)
+    keep &= ~controls
+    if not keep.any():
+        raise InputError(
+            f"No transcripts left in {path}: {len(table)} rows read, {int(low_qv.sum())} removed by qv < min_qv "
+            f"({min_qv}), {int((controls & ~low_qv).sum())} more removed as control probes "
+            f"({', '.join(p.rstrip('_') for p in CONTROL_PREFIXES[:3])}, ...). Lower the keyword min_qv of read_xenium "
+            "(the diffst prepare command line has no option for it and uses 20) or keep controls with drop_controls=False."
+        )
     out = pd.DataFrame(
-        {"feature_name": names[keep].to_numpy(), "x_um": table["x_location"].to_numpy(float)[keep],
-         "y_um": table["y_location"].to_numpy(float)[keep]}
+        {"feature_name": names[keep].to_numpy(), "x_um": columns["x_location"][keep],
+         "y_um": columns["y_location"][keep]}
     )
     for extra in ("overlaps_nucleus", "cell_id", "qv"):
         if extra in table.columns:
-            out[extra] = table[extra].to_numpy()[keep]
+            out[extra] = columns[extra][keep] if extra in columns else table[extra].to_numpy()[keep]
     return out
+
+
+def _numeric(table: pd.DataFrame, column: str, path: Path) -> np.ndarray:
+    """A column as float; raises naming the column, an example and the count of non-numeric entries."""
+    values = pd.to_numeric(table[column], errors="coerce")
+    bad = values.isna() & table[column].notna()
+    if bad.any():
+        rows = np.flatnonzero(bad.to_numpy())
+        raise InputError(
+            f"Column '{column}' of {path} holds {len(rows)} non-numeric value(s) of {len(table)} rows, e.g. "
+            f"{table[column].iloc[rows[0]]!r} in data row {rows[0] + 1}; expected numbers (microns for "
+            "x_location / y_location). Fix or drop those rows."
+        )
+    return values.to_numpy(dtype=float)
 
 
 def read_xenium(
@@ -85,6 +128,7 @@ def read_xenium(
     min_qv: float = 20.0,
     drop_controls: bool = True,
     name: str | None = None,
+    force_pixel_size: bool = False,
 ) -> Sample:
     """Read a Xenium output folder (or a transcripts file) into a :class:`Sample`.
 
@@ -106,6 +150,22 @@ def read_xenium(
         morphology-image pixels. With ``use_he=True`` the H&E becomes the sample's image.
     min_qv, drop_controls
         Transcript quality filter and removal of negative-control / blank codewords.
+    name
+        Sample name; defaults to the folder name.
+    force_pixel_size
+        Use ``pixel_size_um`` even when it disagrees with the image's OME metadata, and only warn when
+        image and transcripts do not line up (:meth:`Sample.check_placement`).
+
+    Returns
+    -------
+    Sample
+        Point data (``transcripts``) with the morphology (or, with ``use_he``, the H&E) image.
+
+    Raises
+    ------
+    GeometryError
+        When ``pixel_size_um`` disagrees with the OME metadata, the transcripts miss the image, or the
+        image intensity fits the transcripts clearly better at another pixel size or origin.
     """
     path = Path(path)
     folder = path if path.is_dir() else path.parent
@@ -113,8 +173,6 @@ def read_xenium(
     if tx_path is None:
         raise InputError(f"No transcripts.parquet or transcripts.csv.gz in {folder}; point to a Xenium output folder.")
     table = read_transcripts(tx_path, min_qv=min_qv, drop_controls=drop_controls)
-    if len(table) == 0:
-        raise InputError(f"No transcripts left in {tx_path} after filtering (min_qv={min_qv}); lower min_qv.")
     codes, genes = pd.factorize(table["feature_name"], sort=True)
     transcripts = table.drop(columns="feature_name")
     transcripts.insert(0, "gene", codes.astype(np.int32))
@@ -125,18 +183,43 @@ def read_xenium(
         if image is None and (folder / "morphology_focus").is_dir():
             image = _find(folder / "morphology_focus", ["morphology_focus_0000.ome.tif"])
     if image is not None:
+        is_tiff = Path(image).suffix.lower() in (".tif", ".tiff", ".btf") and Path(image).is_file()
+        ome_px = tiff_pixel_size_um(image) if is_tiff else None  # a missing file is reported by SlideImage
         if pixel_size_um is None:
-            pixel_size_um = tiff_pixel_size_um(image) or XENIUM_PIXEL_SIZE_UM
-        morphology = SlideImage(image, pixel_size_um=pixel_size_um, origin_um=image_origin_um)
+            # No OME size: Xenium's native one. A present but invalid one is rejected by SlideImage.
+            morphology = SlideImage(image, XENIUM_PIXEL_SIZE_UM if ome_px is None else None, image_origin_um)
+        elif ome_px and abs(positive_number(pixel_size_um, "pixel_size_um (--pixel-size)") / ome_px - 1) > 0.01:
+            message = (
+                f"pixel_size_um (--pixel-size) {float(pixel_size_um):g} disagrees with the OME metadata of {image}, "
+                f"PhysicalSizeX = {ome_px:g} µm."
+            )
+            if not force_pixel_size:
+                raise GeometryError(
+                    f"{message} Omit --pixel-size to use the metadata; if the metadata is wrong, pass "
+                    "force_pixel_size=True to read_xenium."
+                )
+            log.warning("%s Using %g µm/px as forced (force_pixel_size=True).", message, float(pixel_size_um))
+        if morphology is None:
+            morphology = SlideImage(image, pixel_size_um=pixel_size_um, origin_um=image_origin_um)
     chosen = morphology
     if he_image is not None:
         if he_alignment is None:
             raise InputError("An H&E image needs Xenium's alignment matrix (he_alignment, the *_imagealignment.csv file).")
-        matrix = np.loadtxt(he_alignment, delimiter=",") if not isinstance(he_alignment, np.ndarray) else he_alignment
-        if matrix.shape != (3, 3):
-            raise InputError(f"The H&E alignment matrix must be 3 x 3, got {matrix.shape}.")
-        px = pixel_size_um or (morphology.pixel_size_um if morphology else XENIUM_PIXEL_SIZE_UM)
-        ox, oy = image_origin_um
+        try:
+            matrix = he_alignment if isinstance(he_alignment, np.ndarray) else np.loadtxt(he_alignment, delimiter=",")
+            matrix = np.asarray(matrix, dtype=float)
+        except (OSError, ValueError) as exc:
+            raise InputError(
+                f"Cannot read the H&E alignment matrix {he_alignment} ({exc}); expected Xenium's *_imagealignment.csv "
+                "(3 rows of 3 comma-separated numbers)."
+            ) from exc
+        if matrix.shape != (3, 3) or not np.isfinite(matrix).all() or abs(np.linalg.det(matrix[:2, :2])) < 1e-12:
+            raise InputError(f"The H&E alignment matrix must be an invertible 3 x 3 matrix of numbers, got {matrix.tolist()}.")
+        if morphology is not None:
+            px, (ox, oy) = morphology.pixel_size_um, morphology.px_to_um[:2, 2]
+        else:
+            px = positive_number(XENIUM_PIXEL_SIZE_UM if pixel_size_um is None else pixel_size_um, "pixel_size_um (--pixel-size)")
+            ox, oy = origin_xy(image_origin_um)
         # H&E pixel -> morphology pixel (matrix) -> microns; invert for microns -> H&E pixel.
         he_to_um = np.array([[px, 0, ox], [0, px, oy], [0, 0, 1]]) @ matrix
         um_to_he = np.linalg.inv(he_to_um)
@@ -153,4 +236,5 @@ def read_xenium(
         meta={"transcripts_file": str(tx_path), "min_qv": min_qv},
     )
     sample.check_registration()
+    sample.check_placement(strict=not force_pixel_size)
     return sample

@@ -1,0 +1,260 @@
+"""Reader-level bad inputs: each test writes a real file in a real format and checks the message a user sees."""
+
+import logging
+import time
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+from skimage.transform import AffineTransform, warp
+
+from conftest import XENIUM_DIR, XENIUM_ORIGIN_UM
+from diffst.errors import GeometryError, InputError
+from diffst.example import EXAMPLE_DIR, EXAMPLE_ORIGIN_UM, load_example
+from diffst.io import SlideImage, read_anndata, read_xenium
+
+CROP_TIF = XENIUM_DIR / "morphology_mip.tif"
+EXAMPLE_TX = EXAMPLE_DIR / "transcripts.parquet"
+EXAMPLE_TIF = EXAMPLE_DIR / "morphology_mip.ome.tif"
+
+
+@pytest.fixture(scope="module")
+def crop_table() -> pd.DataFrame:
+    """The real crop's transcripts in Xenium's column layout."""
+    if not XENIUM_DIR.exists():
+        pytest.skip(f"real data not found at {XENIUM_DIR}")
+    return pd.read_csv(XENIUM_DIR / "transcripts.csv.gz")
+
+
+@pytest.fixture()
+def small_tx(crop_table, tmp_path):
+    """A 200-row Xenium transcripts.csv.gz of the crop (lies on the crop image)."""
+    path = tmp_path / "small" / "transcripts.csv.gz"
+    path.parent.mkdir()
+    crop_table.head(200).to_csv(path, index=False)
+    return path
+
+
+# ------------------------------------------------------------------------------ 1. pixel size and placement
+def test_pixel_size_disagreeing_with_ome_metadata(caplog):
+    kw = {"image": EXAMPLE_TIF, "image_origin_um": EXAMPLE_ORIGIN_UM}
+    with pytest.raises(GeometryError, match=r"pixel_size_um \(--pixel-size\) 0\.85 disagrees with the OME metadata of "
+                       r".*morphology_mip\.ome\.tif, PhysicalSizeX = 0\.425 µm\. Omit --pixel-size to use the metadata; "
+                       r"if the metadata is wrong, pass force_pixel_size=True to read_xenium\."):
+        read_xenium(EXAMPLE_TX, pixel_size_um=0.85, **kw)
+    assert read_xenium(EXAMPLE_TX, pixel_size_um=0.4275, **kw).image.pixel_size_um == 0.4275  # within 1 %
+    with caplog.at_level(logging.WARNING):
+        forced = read_xenium(EXAMPLE_TX, pixel_size_um=0.85, force_pixel_size=True, **kw)
+    assert forced.image.pixel_size_um == 0.85
+    assert "Using 0.85 µm/px as forced (force_pixel_size=True)" in caplog.text
+    assert "does not line up with its transcripts" in caplog.text  # the placement check only warns when forced
+
+
+def test_placement_check_passes_on_real_data_and_is_cheap(xenium_sample):
+    for sample in (xenium_sample, load_example()):
+        start = time.perf_counter()
+        scores = sample.check_placement()
+        assert time.perf_counter() - start < 1.0
+        assert scores["given"] > 0.5
+        assert max(scores, key=scores.get) == "given", scores
+
+
+@pytest.mark.skipif(not XENIUM_DIR.exists(), reason="real data absent")
+def test_double_or_half_pixel_size_on_real_crop_is_caught():
+    with pytest.raises(GeometryError, match=r"does not line up with its transcripts: image intensity follows transcript "
+                       r"density with r = 0\.\d+ at the given placement \(0\.425 µm/px, .*\) but r = 0\.\d+ with pixel "
+                       r"size x0\.5\. The pixel size or image origin look wrong; try pixel_size_um \(--pixel-size\) 0\.2125\."):
+        read_xenium(XENIUM_DIR, image_origin_um=XENIUM_ORIGIN_UM, pixel_size_um=0.425)
+    with pytest.raises(GeometryError, match=r"75% of the transcripts .* fall outside its image.*Likely cause: the data span "
+                       r"2\.00x the image, so the pixel size is too small; pixel_size_um \(--pixel-size\) of about 0\.212"):
+        read_xenium(XENIUM_DIR, image_origin_um=XENIUM_ORIGIN_UM, pixel_size_um=0.2125 / 2)
+
+
+def _he_from_dapi(tmp_path):
+    """A real RGB H&E-like TIFF made from the crop's DAPI (dark nuclei, white glass) and its Xenium-style
+    alignment CSV: H&E at 0.5 µm/px, rotated by 4 degrees relative to the morphology image."""
+    dapi = tifffile.imread(CROP_TIF).astype(np.float32)
+    dapi = np.clip(dapi / np.percentile(dapi, 99), 0, 1)
+    a, s = np.deg2rad(4), 0.5 / 0.2125
+    matrix = np.array([[s * np.cos(a), -s * np.sin(a), 0], [s * np.sin(a), s * np.cos(a), 0], [0, 0, 1]])
+    corners = np.linalg.inv(matrix) @ np.array([[0, 2400, 0, 2400], [0, 0, 1800, 1800], [1, 1, 1, 1]])
+    lo, hi = corners[:2].min(axis=1) - 20, corners[:2].max(axis=1) + 20
+    matrix[:2, 2] = matrix[:2, :2] @ lo
+    w, h = (hi - lo).astype(int)
+    he = warp(dapi, AffineTransform(matrix=matrix), output_shape=(h, w), order=1, cval=-1)
+    rgb = np.stack([235 - 150 * he, 200 - 170 * he, 225 - 80 * he], axis=-1)
+    rgb[he < 0] = 250
+    tifffile.imwrite(tmp_path / "he.ome.tif", rgb.astype(np.uint8), photometric="rgb")
+    np.savetxt(tmp_path / "he_imagealignment.csv", matrix, delimiter=",")
+    return tmp_path / "he.ome.tif", matrix
+
+
+@pytest.mark.skipif(not XENIUM_DIR.exists(), reason="real data absent")
+def test_he_alignment_passes_and_wrong_alignment_is_caught(tmp_path):
+    he, matrix = _he_from_dapi(tmp_path)
+    kw = {"image_origin_um": XENIUM_ORIGIN_UM, "he_image": he, "use_he": True}
+    sample = read_xenium(XENIUM_DIR, he_alignment=tmp_path / "he_imagealignment.csv", **kw)
+    assert sample.image.is_rgb and sample.check_placement()["given"] > 0.5
+    with pytest.raises(GeometryError, match=r"does not line up with its transcripts.*with pixel size x0\.5\. The image's "
+                       r"alignment matrix \(he_alignment for an H&E image\) looks wrong\."):
+        read_xenium(XENIUM_DIR, he_alignment=matrix @ np.diag([2.0, 2.0, 1.0]), **kw)
+
+
+# ------------------------------------------------------------------------------ 2. coordinates off the image
+def test_transcripts_outside_the_image_are_counted(crop_table, tmp_path, caplog):
+    table = crop_table.copy()
+    table.loc[::100, "x_location"] = -5.0  # 1 % negative coordinates
+    path = tmp_path / "transcripts.parquet"
+    table.to_parquet(path)
+    with caplog.at_level(logging.WARNING, logger="diffst.data"):
+        sample = read_xenium(path, image=CROP_TIF, image_origin_um=XENIUM_ORIGIN_UM)
+    assert len(sample.transcripts) == len(table) == 186146
+    assert ("1862 of 186146 transcripts (1.00%) of sample " f"{tmp_path.name} fall outside its image (1862 with negative "
+            "coordinates); they are dropped when tiling.") in caplog.text
+    caplog.clear()
+    sample.check_registration()  # prepare_dataset checks again: no second warning
+    assert "fall outside" not in caplog.text
+
+    table = crop_table.copy()
+    table["x_location"] -= 300.0  # most of them left of the image: a wrong crop origin
+    table.to_parquet(path)
+    with pytest.raises(GeometryError, match=r"\d+% of the transcripts .* fall outside its image.*Likely cause: the data "
+                       r"would fit in the image but start at \(762, 212\) µm and the image at \(1062, 212\) µm, so the "
+                       r"image origin is off"):
+        read_xenium(path, image=CROP_TIF, image_origin_um=XENIUM_ORIGIN_UM)
+
+
+# ------------------------------------------------------------------------------ 3. non-numeric columns
+def test_non_numeric_columns_are_named(crop_table, tmp_path):
+    table = crop_table.head(2000).astype({"x_location": object, "qv": object})
+    table.loc[[5, 9, 11], "x_location"] = "1,234.5"
+    table.loc[20, "x_location"] = "n/a"  # pandas reads it as missing
+    path = tmp_path / "transcripts.csv.gz"
+    table.to_csv(path, index=False)
+    with pytest.raises(InputError, match=r"Column 'x_location' of .*transcripts\.csv\.gz holds 3 non-numeric value\(s\) "
+                       r"of 2000 rows, e.g\. '1,234\.5' in data row 6; expected numbers"):
+        read_xenium(path, image=CROP_TIF, image_origin_um=XENIUM_ORIGIN_UM)
+    table.loc[[5, 9, 11], "x_location"] = 1100.0
+    table.to_csv(path, index=False)
+    with pytest.raises(GeometryError, match=r"x_location / y_location of .* are empty, NaN or infinite in 1 of 2000 rows "
+                       r"\(e\.g\. data row 21\)"):
+        read_xenium(path, image=CROP_TIF, image_origin_um=XENIUM_ORIGIN_UM)
+    table = crop_table.head(2000).astype({"qv": object})
+    table.loc[7, "qv"] = "high"
+    table.to_csv(path, index=False)
+    with pytest.raises(InputError, match=r"Column 'qv' of .* holds 1 non-numeric value\(s\) of 2000 rows, e.g\. 'high'"):
+        read_xenium(path, image=CROP_TIF, image_origin_um=XENIUM_ORIGIN_UM)
+
+
+def test_empty_gene_name(crop_table, tmp_path):
+    table = crop_table.head(50).copy()
+    table.loc[2, "feature_name"] = None
+    path = tmp_path / "transcripts.csv.gz"
+    table.to_csv(path, index=False)
+    with pytest.raises(InputError, match=r"1 row\(s\) have an empty feature_name \(e\.g\. data row 3\)"):
+        read_xenium(path, image=CROP_TIF, image_origin_um=XENIUM_ORIGIN_UM)
+
+
+# ------------------------------------------------------------------------------ 4. nothing to read
+def test_empty_or_fully_filtered_transcripts(crop_table, tmp_path):
+    path = tmp_path / "transcripts.csv.gz"
+    crop_table.head(0).to_csv(path, index=False)
+    with pytest.raises(InputError, match=r"transcripts\.csv\.gz holds no transcripts \(0 rows below the header\)"):
+        read_xenium(path)
+    table = crop_table.head(3).copy()
+    table["qv"] = [10.0, 15.0, 30.0]
+    table.loc[2, "feature_name"] = "NegControlProbe_ERCC-00002"
+    table.to_csv(path, index=False)
+    with pytest.raises(InputError, match=r"No transcripts left in .*: 3 rows read, 2 removed by qv < min_qv \(20\.0\), 1 "
+                       r"more removed as control probes .*Lower the keyword min_qv of read_xenium \(the diffst prepare "
+                       r"command line has no option for it and uses 20\)"):
+        read_xenium(path)
+
+
+# ------------------------------------------------------------------------------ 5. damaged TIFF
+def test_truncated_or_corrupt_tiff_is_refused_on_open(tmp_path, small_tx):
+    pixels = np.random.default_rng(0).integers(0, 4000, (512, 512)).astype(np.uint16)
+    path = tmp_path / "trunc.tif"
+    tifffile.imwrite(path, pixels, tile=(128, 128), compression="zlib")
+    path.write_bytes(path.read_bytes()[: int(path.stat().st_size * 0.6)])
+    with pytest.raises(InputError, match=r"Cannot read image .*trunc\.tif: the file is truncated \([\d,]+ bytes, but its "
+                       r"pixel data run to [\d,]+ bytes\)\. Copy or export the image again\."):
+        SlideImage(path, pixel_size_um=0.5)
+    # The real crop image cut short, read through the Xenium reader.
+    cut = tmp_path / "morphology_mip.tif"
+    cut.write_bytes(CROP_TIF.read_bytes()[:6_000_000])
+    with pytest.raises(InputError, match=r"Cannot read image .*morphology_mip\.tif: the file is truncated"):
+        read_xenium(small_tx, image=cut, image_origin_um=XENIUM_ORIGIN_UM)
+    # Same size but its last tile overwritten: found by decoding the far corner.
+    bad = tmp_path / "corrupt.tif"
+    tifffile.imwrite(bad, pixels, tile=(128, 128), compression="zlib")
+    with tifffile.TiffFile(bad) as tif:
+        offset, count = tif.pages[0].dataoffsets[-1], tif.pages[0].databytecounts[-1]
+    data = bytearray(bad.read_bytes())
+    data[offset : offset + count] = b"\xff" * count
+    bad.write_bytes(bytes(data))
+    with pytest.raises(InputError, match=r"Cannot read image .*corrupt\.tif: decoding its last strip / tile failed"):
+        SlideImage(bad, pixel_size_um=0.5)
+
+
+# ------------------------------------------------------------------------------ 6. other bad numbers
+def test_invalid_ome_pixel_size(tmp_path, small_tx):
+    path = tmp_path / "nan.ome.tif"
+    tifffile.imwrite(path, np.ones((64, 64), np.uint16), ome=True, metadata={"axes": "YX", "PhysicalSizeX": 0.5})
+    path.write_bytes(path.read_bytes().replace(b'PhysicalSizeX="0.5"', b'PhysicalSizeX="NaN"'))
+    message = r"OME metadata of image .*nan\.ome\.tif has a PhysicalSizeX that is not a positive number\. Pass pixel_size_um"
+    with pytest.raises(GeometryError, match=message):
+        SlideImage(path)
+    with pytest.raises(GeometryError, match=message):  # not silently Xenium's 0.2125
+        read_xenium(small_tx, image=path, image_origin_um=XENIUM_ORIGIN_UM)
+    assert SlideImage(path, pixel_size_um=0.5).pixel_size_um == 0.5
+
+
+def test_nan_pixel_size_and_origin_name_the_keyword(small_tx):
+    kw = {"image": CROP_TIF}
+    for origin in ((1062.0, float("nan")), "1062,212", (1062.0,)):
+        with pytest.raises(GeometryError, match=r"image_origin_um \(--image-origin\) must be two finite numbers x, y"):
+            read_xenium(small_tx, image_origin_um=origin, **kw)
+    with pytest.raises(GeometryError, match=r"pixel_size_um \(--pixel-size\) must be a positive number of microns per "
+                       r"pixel, got nan"):
+        read_xenium(small_tx, image_origin_um=XENIUM_ORIGIN_UM, pixel_size_um=float("nan"), **kw)
+
+
+def test_bad_he_alignment_file(tmp_path, small_tx):
+    kw = {"image": CROP_TIF, "image_origin_um": XENIUM_ORIGIN_UM, "he_image": tmp_path / "he.tif"}
+    text = tmp_path / "text.csv"
+    text.write_text("a,b,c\n1,2,3\n4,5,6\n")
+    singular = tmp_path / "singular.csv"
+    np.savetxt(singular, np.zeros((3, 3)), delimiter=",")
+    with pytest.raises(InputError, match=r"Cannot read the H&E alignment matrix .*text\.csv.*3 rows of 3 comma-separated"):
+        read_xenium(small_tx, he_alignment=text, **kw)
+    with pytest.raises(InputError, match=r"Cannot read the H&E alignment matrix .*missing\.csv"):
+        read_xenium(small_tx, he_alignment=tmp_path / "missing.csv", **kw)
+    with pytest.raises(InputError, match=r"must be an invertible 3 x 3 matrix of numbers"):
+        read_xenium(small_tx, he_alignment=singular, **kw)
+
+
+def _h5ad(tmp_path, name, n=40, coords=None):
+    rng = np.random.default_rng(1)
+    adata = ad.AnnData(rng.poisson(3, (n, 6)).astype(np.float32))
+    adata.obsm["spatial"] = rng.uniform(10, 190, (n, 2)) if coords is None else coords
+    adata.write_h5ad(tmp_path / name)
+    return tmp_path / name
+
+
+def test_anndata_bad_pixel_size_coordinates_and_empty(tmp_path):
+    path = _h5ad(tmp_path, "ok.h5ad")
+    for bad in (float("nan"), -0.5, 0.0):
+        with pytest.raises(GeometryError, match=r"pixel_size_um \(--pixel-size\) must be a positive number"):
+            read_anndata(path, None, bad)
+    text = _h5ad(tmp_path, "text.h5ad", n=3, coords=np.array([["1", "a"], ["2", "3"], ["4", "5"]]))
+    with pytest.raises(InputError, match=r"adata\.obsm\['spatial'\] holds non-numeric values \(.*'a'.*\); expected"):
+        read_anndata(text, None, 1.0)
+    inf = _h5ad(tmp_path, "inf.h5ad", n=3, coords=np.array([[1.0, np.inf], [2.0, 3.0], [4.0, 5.0]]))
+    with pytest.raises(GeometryError, match=r"NaN or infinite coordinates for 1 observation"):
+        read_anndata(inf, None, 1.0)
+    empty = _h5ad(tmp_path, "empty.h5ad", n=0, coords=np.zeros((0, 2)))
+    with pytest.raises(InputError, match=r"The AnnData empty has no observations"):
+        read_anndata(empty, np.zeros((200, 200), np.uint8), 1.0)
