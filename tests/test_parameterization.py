@@ -38,3 +38,18 @@ def test_velocity_loss_is_zero_for_the_exact_model():
     assert float(terms["loss"]) < 1e-8 and float(terms["eps_mse"]) < 1e-6
     eps_model = GaussianDiffusion(DiffusionConfig(learn_sigma=False, loss="mse"))
     assert float(eps_model.training_losses(lambda x, t: DenoiserOutput(fn(x, t)), x0, torch.tensor([10, 900]))["loss"]) > 0.01
+
+
+@pytest.mark.parametrize("parameterization", ["eps", "v"])
+def test_learned_variance_bound_sees_the_same_mean_as_sampling(parameterization):
+    """The variance head is trained against the reverse step the samplers take: the bound inside
+    training_losses equals vlb_terms of the same raw prediction (a v prediction converted once)."""
+    diffusion = GaussianDiffusion(DiffusionConfig(parameterization=parameterization, learn_sigma=True))
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.rand(2, 3, 8, 8, generator=gen) * 2 - 1
+    noise = torch.randn(x0.shape, generator=gen)
+    prediction = torch.randn(2, 6, 8, 8, generator=gen)
+    t = torch.tensor([40, 700])
+    terms = diffusion.training_losses(lambda x, tt: DenoiserOutput(prediction), x0, t, noise=noise)
+    expected = diffusion.vlb_terms(prediction, x0, diffusion.q_sample(x0, t, noise), t).mean()
+    torch.testing.assert_close(terms["vlb"], expected)

@@ -381,8 +381,9 @@ class GaussianDiffusion:
         }
         loss = eps_loss
         if v is not None:
-            # stop-gradient on the mean: the bound trains only the variance
-            frozen = torch.cat([eps_pred.detach(), v], dim=1)
+            # Stop-gradient on the mean: the bound trains only the variance. The raw first half is frozen,
+            # not eps_pred, because vlb_terms converts it again (a v prediction into epsilon).
+            frozen = torch.cat([output.prediction[:, : x0.shape[1]].detach(), v], dim=1)
             vlb = self.vlb_terms(frozen, x0, x_t, t)
             terms["vlb"] = vlb.mean()
             if self.cfg.loss != "mse":
