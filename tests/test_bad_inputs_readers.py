@@ -1,6 +1,7 @@
 """Reader-level bad inputs: each test writes a real file in a real format and checks the message a user sees."""
 
 import logging
+import re
 import time
 
 import anndata as ad
@@ -9,8 +10,11 @@ import pandas as pd
 import pytest
 import tifffile
 from skimage.transform import AffineTransform, warp
+from typer.testing import CliRunner
 
 from conftest import XENIUM_DIR, XENIUM_ORIGIN_UM
+from diffst.cli import app
+from diffst.data.sample import Sample
 from diffst.errors import GeometryError, InputError
 from diffst.example import EXAMPLE_DIR, EXAMPLE_ORIGIN_UM, load_example
 from diffst.io import SlideImage, read_anndata, read_xenium
@@ -61,15 +65,76 @@ def test_placement_check_passes_on_real_data_and_is_cheap(xenium_sample):
         assert max(scores, key=scores.get) == "given", scores
 
 
+WRONG_PIXEL_SIZES = [0.5, 0.425, 0.65, 1.0, 0.1]  # sizes users confuse with the crop's true 0.2125 µm/px
+
+
 @pytest.mark.skipif(not XENIUM_DIR.exists(), reason="real data absent")
-def test_double_or_half_pixel_size_on_real_crop_is_caught():
-    with pytest.raises(GeometryError, match=r"does not line up with its transcripts: image intensity follows transcript "
-                       r"density with r = 0\.\d+ at the given placement \(0\.425 µm/px, .*\) but r = 0\.\d+ with pixel "
-                       r"size x0\.5\. The pixel size or image origin look wrong; try pixel_size_um \(--pixel-size\) 0\.2125\."):
-        read_xenium(XENIUM_DIR, image_origin_um=XENIUM_ORIGIN_UM, pixel_size_um=0.425)
-    with pytest.raises(GeometryError, match=r"75% of the transcripts .* fall outside its image.*Likely cause: the data span "
-                       r"2\.00x the image, so the pixel size is too small; pixel_size_um \(--pixel-size\) of about 0\.212"):
-        read_xenium(XENIUM_DIR, image_origin_um=XENIUM_ORIGIN_UM, pixel_size_um=0.2125 / 2)
+@pytest.mark.parametrize("pixel_size", WRONG_PIXEL_SIZES)
+def test_wrong_pixel_size_on_real_crop_is_caught_and_the_right_one_named(pixel_size, caplog):
+    kw = {"image_origin_um": XENIUM_ORIGIN_UM, "pixel_size_um": pixel_size}
+    if pixel_size < 0.2125:  # the transcripts overshoot the image: caught before the placement check
+        with pytest.raises(GeometryError, match=r"\d+% of the transcripts .* fall outside its image.*Likely cause: the "
+                           r"data span 2\.\d+x the image, so the pixel size is too small; pixel_size_um \(--pixel-size\) "
+                           r"of about 0\.21\d* would fit"):
+            read_xenium(XENIUM_DIR, **kw)
+        return
+    with pytest.raises(GeometryError) as caught:
+        read_xenium(XENIUM_DIR, **kw)
+    message = str(caught.value)
+    assert re.fullmatch(
+        r"The image of sample xenium_breast_crop does not line up with its transcripts: image intensity follows "
+        rf"transcript density with r = -?0\.\d\d at the given placement \({pixel_size:g} µm/px, top-left corner at "
+        r"\(1062\.0, 212\.0\) µm\) but r = 0\.\d\d with pixel size x0\.\d+ \(same top-left corner\)\. The pixel size "
+        r"looks wrong; the image fits best at about (0\.\d+) µm/px, close to 0\.2125 µm/px of a full-resolution Xenium "
+        r"morphology image: try pixel_size_um \(--pixel-size\) 0\.2125\. If the placement is right, pass "
+        r"--force-pixel-size \(CLI\) or force_pixel_size=True \(read_xenium\) to only warn\.", message), message
+    factor = float(re.search(r"with pixel size x(0\.\d+)", message).group(1))
+    fitted = float(re.search(r"fits best at about (0\.\d+) µm/px", message).group(1))
+    assert abs(fitted / 0.2125 - 1) < 0.05 and abs(pixel_size * factor / 0.2125 - 1) < 0.05, message
+    with caplog.at_level(logging.WARNING, logger="diffst.data"):  # forced: the same finding, as a warning
+        sample = read_xenium(XENIUM_DIR, force_pixel_size=True, **kw)
+    assert sample.image.pixel_size_um == pixel_size
+    assert "does not line up with its transcripts" in caplog.text and "try pixel_size_um (--pixel-size) 0.2125" in caplog.text
+
+
+@pytest.mark.skipif(not XENIUM_DIR.exists(), reason="real data absent")
+def test_wrong_pixel_size_is_refused_by_the_cli(tmp_path):
+    out = tmp_path / "prepared"
+    result = CliRunner().invoke(app, ["prepare", str(XENIUM_DIR), "--image-origin", "1062,212", "--pixel-size", "0.5",
+                                      "--out", str(out)])
+    assert result.exit_code == 2 and not out.exists(), result.output
+    assert re.search(r"does not line up with its transcripts.*with pixel size x0\.4\d+ .*try pixel_size_um "
+                     r"\(--pixel-size\) 0\.2125\. If the placement is right, pass --force-pixel-size \(CLI\)",
+                     " ".join(result.output.split())), result.output
+
+
+def test_placement_search_finds_the_pixel_size_on_a_3_mm_slide():
+    """A scale error moves far transcripts more on a large slide: the search refines on finer bins."""
+    sample = load_example()  # 0.425 µm/px; mirrored 5 x 5 into a 2.5 x 1.9 mm slide
+    pixels = np.asarray(sample.image.overview(max_side=10_000))[..., 0]
+    rows, cols = pixels.shape
+    slide = np.block([[pixels[:: -1 if i % 2 else 1, :: -1 if j % 2 else 1] for j in range(5)] for i in range(5)])
+    x = sample.transcripts["x_um"].to_numpy() - EXAMPLE_ORIGIN_UM[0]
+    y = sample.transcripts["y_um"].to_numpy() - EXAMPLE_ORIGIN_UM[1]
+    w, h = cols * 0.425, rows * 0.425
+    rng = np.random.default_rng(0)
+    parts = []
+    for i in range(5):
+        for j in range(5):
+            keep = rng.random(len(x)) < 0.2
+            parts.append(sample.transcripts[keep].assign(x_um=(x if j % 2 == 0 else w - x)[keep] + j * w,
+                                                         y_um=(y if i % 2 == 0 else h - y)[keep] + i * h))
+    table = pd.concat(parts, ignore_index=True)
+    for pixel_size in (0.425, 0.4, 0.5):  # right, 6 % and 18 % off
+        big = Sample("slide", sample.genes, SlideImage(slide, pixel_size_um=pixel_size), table, platform="xenium")
+        if pixel_size == 0.425:
+            start = time.perf_counter()
+            scores = big.check_placement()
+            assert time.perf_counter() - start < 1.0 and max(scores, key=scores.get) == "given", scores
+            continue
+        with pytest.raises(GeometryError, match=r"the image fits best at about 0\.4[123]\d* µm/px, close to 0\.425 µm/px "
+                           r"of a 2x downsampled Xenium morphology image: try pixel_size_um \(--pixel-size\) 0\.425\."):
+            big.check_placement()
 
 
 def _he_from_dapi(tmp_path):
@@ -97,8 +162,9 @@ def test_he_alignment_passes_and_wrong_alignment_is_caught(tmp_path):
     kw = {"image_origin_um": XENIUM_ORIGIN_UM, "he_image": he, "use_he": True}
     sample = read_xenium(XENIUM_DIR, he_alignment=tmp_path / "he_imagealignment.csv", **kw)
     assert sample.image.is_rgb and sample.check_placement()["given"] > 0.5
-    with pytest.raises(GeometryError, match=r"does not line up with its transcripts.*with pixel size x0\.5\. The image's "
-                       r"alignment matrix \(he_alignment for an H&E image\) looks wrong\."):
+    with pytest.raises(GeometryError, match=r"does not line up with its transcripts.*with pixel size x0\.(4[6-9]|5[0-4])\d* "
+                       r"\(same top-left corner\)\. The image's alignment matrix \(he_alignment for an H&E image\) looks "
+                       r"wrong\. If the placement is right, pass --force-pixel-size"):
         read_xenium(XENIUM_DIR, he_alignment=matrix @ np.diag([2.0, 2.0, 1.0]), **kw)
 
 
