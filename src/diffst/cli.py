@@ -12,7 +12,7 @@ from typing import Annotated, NoReturn
 
 import typer
 
-from diffst.errors import DiffSTError
+from diffst.errors import DiffSTError, TrainingInterrupted
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Diff-ST: super-resolved spatial transcriptomics.")
 
@@ -46,8 +46,11 @@ def _user_errors() -> Iterator[None]:
 
     try:
         yield
+    except TrainingInterrupted as exc:  # a request, not an error: the message says how to resume
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(code=130) from None
     except DiffSTError as exc:
-        _fail(str(exc), getattr(exc, "exit_code", 2))
+        _fail(str(exc))
     except ValidationError as exc:
         _fail("; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg'].removeprefix('Value error, ')}"
                         for e in exc.errors()))

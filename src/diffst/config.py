@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from diffst.diffusion.config import DiffusionConfig, SamplerConfig
 from diffst.errors import InputError
@@ -48,6 +48,10 @@ __all__ = [
 
 class ConfigError(InputError):
     """A run configuration file or value is invalid; the message names the offending key."""
+
+
+def _expand_home(path: str) -> str:
+    return str(Path(path).expanduser())
 
 
 class ExampleDataConfig(BaseModel):
@@ -79,7 +83,8 @@ class DataConfig(BaseModel):
     Attributes
     ----------
     path
-        Folder of a prepared dataset (``diffst prepare`` / :func:`diffst.data.prepare.prepare_dataset`).
+        Folder of a prepared dataset (``diffst prepare`` / :func:`diffst.data.prepare.prepare_dataset`);
+        ``~`` is expanded.
     train_split, val_split
         Split names. Validation uses ``val_split`` when the dataset has it; the test split is never used
         for validation or model selection (it is rejected here).
@@ -106,6 +111,8 @@ class DataConfig(BaseModel):
     num_workers: int = Field(0, ge=0)
     subset: list[int] | None = None
     example: ExampleDataConfig | None = None
+
+    _home = field_validator("path")(_expand_home)
 
     @model_validator(mode="after")
     def _no_test_for_training(self) -> DataConfig:
@@ -269,7 +276,7 @@ class RunConfig(BaseModel):
     device
         ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
     run_dir
-        Folder for the resolved config, metrics, logs and checkpoints.
+        Folder for the resolved config, metrics, logs and checkpoints (``~`` is expanded).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -282,6 +289,8 @@ class RunConfig(BaseModel):
     seed: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     run_dir: str
+
+    _home = field_validator("run_dir")(_expand_home)
 
     @model_validator(mode="after")
     def _check_sigma(self) -> RunConfig:
@@ -365,12 +374,18 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         If the file is missing, not valid YAML, or has unknown keys or bad values (each named).
     """
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder, not a file")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not a YAML text file ({exc}); give the run configuration (.yaml)") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     if isinstance(data, dict):
         apply_overrides(data, overrides)
     return parse_config(data, str(path))

@@ -11,3 +11,7 @@ class InputError(DiffSTError, ValueError):
 
 class GeometryError(InputError):
     """Coordinates, pixel sizes or tile sizes that do not fit together."""
+
+
+class TrainingInterrupted(DiffSTError):
+    """Training stopped on SIGINT / SIGTERM after saving a checkpoint; the message says how to resume."""

@@ -95,7 +95,10 @@ class PreparedTiles(Dataset):
         for name, arr in (("tissue", self.tissue), ("cells", self.cells), ("cell_entropy", self.cell_entropy)):
             if len(arr) != n:
                 raise InputError(f"{folder}: {name} has {len(arr)} tiles but lr_counts has {n}; the folder is inconsistent.")
-        table = pd.read_csv(self.path / "tiles.csv")
+        try:
+            table = pd.read_csv(self.path / "tiles.csv")
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{self.path / 'tiles.csv'} is missing or corrupt ({exc}); prepare the dataset again.") from exc
         self.tiles = table[table["split"] == split].sort_values("index").reset_index(drop=True)
         self.augment = augment
         self._rng = np.random.default_rng(seed)

@@ -338,8 +338,10 @@ def load_meta(path: str | Path) -> dict:
         raise InputError(f"{path} is not a prepared Diff-ST dataset (no dataset.json); run `diffst prepare` first.")
     try:
         meta = json.loads(meta_file.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"{meta_file} is corrupt ({exc}); prepare the dataset again.") from exc
+    if not isinstance(meta, dict):
+        raise InputError(f"{meta_file} is not a dataset description (a JSON object); prepare the dataset again.")
     if meta.get("format") != "diffst-prepared" or meta.get("format_version") != FORMAT_VERSION:
         raise InputError(
             f"{meta_file} has format {meta.get('format')} v{meta.get('format_version')}; this Diff-ST reads "

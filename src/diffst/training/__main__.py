@@ -11,12 +11,16 @@ import logging
 import os
 import sys
 
-from diffst.config import ConfigError, load_config
-from diffst.errors import InputError
+from diffst.config import load_config
+from diffst.errors import DiffSTError, TrainingInterrupted
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse arguments, train, print the run folder; returns the exit code."""
+    """Parse arguments, train, print the run folder; returns the exit code.
+
+    0 when training finished, 2 on a bad input (one line on stderr), 130 after SIGINT / SIGTERM (a
+    checkpoint was saved; the line on stderr says how to resume).
+    """
     parser = argparse.ArgumentParser(prog="python -m diffst.training", description="Train a Diff-ST denoiser.")
     parser.add_argument("--config", required=True, help="run configuration (YAML)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of run_dir")
@@ -29,7 +33,11 @@ def main(argv: list[str] | None = None) -> int:
         from diffst.training.loop import train
 
         run_dir = train(cfg, resume=args.resume)
-    except (ConfigError, InputError) as exc:
+    except TrainingInterrupted as exc:
+        if os.environ.get("RANK", "0") == "0":
+            print(exc, file=sys.stderr)
+        return 130
+    except DiffSTError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if os.environ.get("RANK", "0") == "0":

@@ -8,31 +8,47 @@ A checkpoint is a folder ``<run_dir>/checkpoints/step_<step>/`` holding
 * ``rng.pt`` - torch / CUDA / numpy / python random states (weights-only loadable);
 * ``extras.safetensors`` - ``coexpression`` (N, N), the matrix computed from the training split;
 * ``state.json`` - step, epoch, batch offset, data-order description, entropy thresholds and the
-  resolved run configuration (also as ``config.yaml``).
+  resolved run configuration (also as ``config.yaml``);
+* ``manifest.json`` - size and sha256 of every other file, written last.
 
 The folder is written under a temporary name and renamed when complete, so a process killed at any
 moment leaves either a complete checkpoint or none (temporary folders are ignored and cleaned up).
-Old checkpoints are renamed away before deletion for the same reason.
+Old checkpoints are renamed away before deletion for the same reason. Damage after the fact (a truncated
+copy, a bad disk, an edited file) is caught against the manifest when a checkpoint is loaded; checkpoints
+written before manifests existed are checked for missing or empty files only.
+
+A run folder is locked by the process that trains into it (:func:`run_lock`), so two runs never write
+into one folder.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from diffst.config import RunConfig, parse_config
 from diffst.errors import InputError
+
+try:
+    import fcntl
+except ImportError:  # Windows: fall back to an exclusive lock file holding the owner's pid
+    fcntl = None
 
 __all__ = [
     "CHECKPOINT_DIR",
@@ -44,10 +60,21 @@ __all__ = [
     "capture_rng",
     "restore_rng",
     "load_checkpoint",
+    "verify_checkpoint",
+    "set_aside",
+    "checkpoint_folder",
+    "run_lock",
 ]
 
 CHECKPOINT_DIR = "checkpoints"
+MANIFEST = "manifest.json"
+CHECKPOINT_FILES = ("state.json", "model.safetensors", "ema.safetensors", "extras.safetensors", "optimizer.pt",
+                    "rng.pt")
+LOCK_FILE = ".lock"
 _NAME = re.compile(r"^step_(\d+)$")
+# What a damaged file makes the loaders raise (torch.load: RuntimeError / UnpicklingError / EOFError).
+_LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError, EOFError,
+                pickle.UnpicklingError, SafetensorError)
 
 
 def _fsync_file(path: Path) -> None:
@@ -102,22 +129,192 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints of a run, as ``(step, folder)`` sorted by step."""
+    """Checkpoints of a run, as ``(step, folder)`` sorted by step.
+
+    Every ``step_<N>`` folder was complete when it was renamed into place; whether it is still intact is
+    for :func:`verify_checkpoint` to say (the loaders call it).
+    """
     folder = Path(run_dir) / CHECKPOINT_DIR
     if not folder.is_dir():
         return []
     found = []
     for child in folder.iterdir():
         match = _NAME.match(child.name)
-        if match and child.is_dir() and (child / "state.json").is_file():
+        if match and child.is_dir():
             found.append((int(match.group(1)), child))
     return sorted(found)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The most recent complete checkpoint of a run, or None."""
+    """The most recent checkpoint of a run, or None."""
     found = list_checkpoints(run_dir)
     return found[-1][1] if found else None
+
+
+def checkpoint_folder(run_dir: str | Path, step: int) -> Path:
+    """Where the checkpoint of ``step`` lives: ``<run_dir>/checkpoints/step_<step, 8 digits>``."""
+    return Path(run_dir) / CHECKPOINT_DIR / f"step_{step:08d}"
+
+
+def set_aside(folder: str | Path) -> Path:
+    """Rename a damaged checkpoint to ``<name>.corrupt[N]`` (kept for inspection, no longer listed)."""
+    folder = Path(folder)
+    target, n = folder.with_name(folder.name + ".corrupt"), 0
+    while target.exists():
+        n += 1
+        target = folder.with_name(f"{folder.name}.corrupt{n}")
+    os.replace(folder, target)
+    return target
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _damaged(folder: Path, name: str, problem: str) -> InputError:
+    return InputError(
+        f"checkpoint {folder} is damaged: {name} {problem}. Use an older checkpoint of the run "
+        f"({folder.parent}/step_N) or train again."
+    )
+
+
+def _read_manifest(folder: Path) -> dict[str, Any] | None:
+    path = folder / MANIFEST
+    if not path.exists():
+        return None  # written before manifests existed
+    try:
+        files = json.loads(path.read_text())["files"]
+        if all(isinstance(v["size"], int) and isinstance(v["sha256"], str) for v in files.values()):
+            return files
+    except _LOAD_ERRORS:
+        pass
+    raise _damaged(folder, MANIFEST, "is not a valid checkpoint manifest")
+
+
+def verify_checkpoint(folder: str | Path, names: tuple[str, ...] = CHECKPOINT_FILES) -> None:
+    """Check that the files ``names`` of a checkpoint are present and match its manifest.
+
+    With a ``manifest.json`` each file must have the recorded size and sha256; checkpoints written before
+    manifests existed are only checked for missing or empty files.
+
+    Raises
+    ------
+    InputError
+        Naming the checkpoint folder and the first broken file.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"checkpoint {folder} does not exist; give a checkpoint folder or a run folder")
+    manifest = _read_manifest(folder)
+    for name in names:
+        path = folder / name
+        if not path.is_file():
+            raise _damaged(folder, name, "is missing")
+        size = path.stat().st_size
+        if manifest is None:
+            if size == 0:
+                raise _damaged(folder, name, "is empty")
+        elif name not in manifest:
+            raise _damaged(folder, name, f"is not listed in {MANIFEST}")
+        elif size != manifest[name]["size"]:
+            raise _damaged(folder, name, f"has {size} bytes, {MANIFEST} says {manifest[name]['size']} (truncated "
+                                          "or overwritten)")
+        elif _sha256(path) != manifest[name]["sha256"]:
+            raise _damaged(folder, name, f"does not match its sha256 in {MANIFEST} (changed after saving)")
+
+
+def _write_manifest(folder: Path) -> None:
+    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(folder.iterdir()) if p.is_file()}
+    (folder / MANIFEST).write_text(json.dumps({"format": "diffst-checkpoint-manifest-1", "files": files}, indent=2))
+
+
+def _pid_alive(pid: int) -> bool:
+    import psutil  # comes with accelerate; os.kill(pid, 0) would terminate the process on Windows
+
+    return psutil.pid_exists(pid)
+
+
+def _lock_owner(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _in_use(run_dir: Path, pid: int | None) -> InputError:
+    who = f"process {pid}" if pid is not None else "another process"
+    return InputError(
+        f"run folder {run_dir} is in use by {who} (another diffst train); wait for it or choose another run_dir"
+    )
+
+
+def _lock_file(path: Path) -> int:
+    """Create ``path`` exclusively (no fcntl); a lock file whose process is gone is taken over."""
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            pid = _lock_owner(path)
+            if pid is not None and _pid_alive(pid):
+                raise _in_use(path.parent, pid) from None
+            path.unlink(missing_ok=True)
+            continue
+        os.write(fd, f"{os.getpid()}\n".encode())
+        return fd
+    raise _in_use(path.parent, _lock_owner(path))
+
+
+def _flock(path: Path) -> int | None:
+    """Lock ``path`` with flock and write our pid into it; None where flock is unavailable."""
+    if fcntl is None:
+        return None
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise _in_use(path.parent, _lock_owner(path)) from None
+    except OSError:  # a filesystem without flock
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+@contextmanager
+def run_lock(run_dir: str | Path) -> Iterator[Path]:
+    """Hold an exclusive lock on a run folder for the duration of the ``with`` block.
+
+    The lock is ``fcntl.flock`` on ``<run_dir>/.lock`` (which holds the owner's pid), so the operating
+    system releases it when the process ends, even by SIGKILL. Without fcntl (Windows), or on a filesystem
+    without flock, ``.lock`` is created exclusively and removed on exit; one left by a dead process is
+    taken over.
+
+    Raises
+    ------
+    InputError
+        If another process holds the lock (the message names its pid).
+    """
+    path = Path(run_dir) / LOCK_FILE
+    try:
+        fd = _flock(path)
+        flocked = fd is not None
+        if not flocked:
+            fd = _lock_file(path)
+    except OSError as exc:
+        raise InputError(f"cannot lock run folder {run_dir} ({exc}); choose a run_dir you can write to") from None
+    try:
+        yield path
+    finally:
+        if not flocked:
+            path.unlink(missing_ok=True)
+        os.close(fd)  # releases the flock; the file stays (removing it would race with the next locker)
 
 
 def clean_temporary(run_dir: str | Path) -> None:
@@ -151,7 +348,7 @@ def save_checkpoint(
     """
     root = Path(run_dir) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:08d}"
+    final = checkpoint_folder(run_dir, step)
     tmp = root / f".tmp-step_{step:08d}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -166,6 +363,7 @@ def save_checkpoint(
     cfg_dict = config.to_dict()
     (tmp / "state.json").write_text(json.dumps({**state, "step": step, "config": cfg_dict}, indent=2))
     (tmp / "config.yaml").write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
+    _write_manifest(tmp)
     for child in tmp.iterdir():
         _fsync_file(child)
     _fsync_dir(tmp)
@@ -187,39 +385,65 @@ def find_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if path.is_file():
         path = path.parent
-    if (path / "state.json").is_file() and (path / "model.safetensors").is_file():
-        return path
+    if _NAME.match(path.name) or (path / "state.json").is_file() or (path / MANIFEST).is_file():
+        return path  # a checkpoint folder; verify_checkpoint names whatever is wrong with it
     latest = latest_checkpoint(path)
     if latest is None:
         raise InputError(
             f"{path} is neither a checkpoint folder (with state.json and model.safetensors) nor a run folder "
-            f"with complete checkpoints under {CHECKPOINT_DIR}/"
+            f"with checkpoints under {CHECKPOINT_DIR}/"
         )
     return latest
 
 
+def _first_sentence(exc: Exception) -> str:
+    # Only the first: torch goes on to advise weights_only=False, which is no cure for a damaged file.
+    text = (str(exc).strip().splitlines() or [""])[0]
+    return re.split(r"(?<=\.)\s", text, maxsplit=1)[0].rstrip(".")
+
+
+def _load(folder: Path, name: str, loader: Callable[[Path], Any]) -> Any:
+    """``loader(folder / name)``, with any sign of a damaged file turned into an InputError naming it."""
+    try:
+        return loader(folder / name)
+    except InputError:
+        raise
+    except _LOAD_ERRORS as exc:
+        raise _damaged(folder, name, f"cannot be read ({type(exc).__name__}: {_first_sentence(exc)})") from exc
+
+
+def _read_state(path: Path) -> tuple[dict[str, Any], RunConfig]:
+    state = json.loads(path.read_text())
+    config = parse_config(state.pop("config"), str(path))
+    state["step"] = int(state["step"])
+    return state, config
+
+
 def read_training_state(folder: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]:
-    """Everything in a checkpoint, loaded without unpickling arbitrary objects.
+    """Everything in a checkpoint, verified (:func:`verify_checkpoint`) and loaded without unpickling
+    arbitrary objects.
 
     Returns
     -------
     dict
         ``model`` and ``ema`` (state dicts), ``optimizer`` (state dict), ``rng``, ``coexpression``
-        (np.ndarray), ``state`` (the JSON contents without ``config``) and ``config`` (RunConfig).
+        (np.ndarray), ``state`` (the JSON contents without ``config``), ``config`` (RunConfig) and ``path``.
+
+    Raises
+    ------
+    InputError
+        If the checkpoint is missing, damaged or unreadable (the message names the folder and the file).
     """
     folder = find_checkpoint(folder)
-    try:
-        state = json.loads((folder / "state.json").read_text())
-        config = parse_config(state.pop("config"), str(folder / "state.json"))
-        out = {
-            "model": load_file(folder / "model.safetensors", device=str(device)),
-            "ema": load_file(folder / "ema.safetensors", device=str(device)),
-            "coexpression": load_file(folder / "extras.safetensors")["coexpression"].numpy(),
-            "optimizer": torch.load(folder / "optimizer.pt", map_location=device, weights_only=True),
-            "rng": torch.load(folder / "rng.pt", map_location="cpu", weights_only=True),
-        }
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise InputError(f"checkpoint {folder} is unreadable or incomplete: {exc}") from exc
+    verify_checkpoint(folder)
+    state, config = _load(folder, "state.json", _read_state)
+    out = {
+        "model": _load(folder, "model.safetensors", lambda p: load_file(p, device=str(device))),
+        "ema": _load(folder, "ema.safetensors", lambda p: load_file(p, device=str(device))),
+        "coexpression": _load(folder, "extras.safetensors", lambda p: load_file(p)["coexpression"].numpy()),
+        "optimizer": _load(folder, "optimizer.pt", lambda p: torch.load(p, map_location=device, weights_only=True)),
+        "rng": _load(folder, "rng.pt", lambda p: torch.load(p, map_location="cpu", weights_only=True)),
+    }
     out["state"] = state
     out["config"] = config
     out["path"] = folder
@@ -240,6 +464,11 @@ def load_checkpoint(
     ema
         Load the EMA weights (default; what the paper samples with) instead of the live weights.
 
+    Raises
+    ------
+    InputError
+        If the checkpoint is missing, damaged or unreadable (the message names the folder and the file).
+
     Returns
     -------
     model
@@ -254,13 +483,13 @@ def load_checkpoint(
     from diffst.models.config import build_model
 
     folder = find_checkpoint(path)
-    state = json.loads((folder / "state.json").read_text())
-    cfg = parse_config(state.pop("config"), str(folder / "state.json"))
+    weights = "ema.safetensors" if ema else "model.safetensors"
+    verify_checkpoint(folder, ("state.json", weights, "extras.safetensors"))
+    state, cfg = _load(folder, "state.json", _read_state)
     model = build_model(cfg.model_config_resolved())
-    weights = load_file(folder / ("ema.safetensors" if ema else "model.safetensors"), device="cpu")
-    model.load_state_dict(weights)
+    _load(folder, weights, lambda p: model.load_state_dict(load_file(p, device="cpu")))
     model.to(device).eval()
-    coexpression = load_file(folder / "extras.safetensors")["coexpression"].numpy()
+    coexpression = _load(folder, "extras.safetensors", lambda p: load_file(p)["coexpression"].numpy())
     extras = {
         "step": state["step"],
         "entropy_threshold": state.get("entropy_threshold_final"),

@@ -11,11 +11,14 @@ Only the main process writes files; every process trains on its own shard of eac
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -27,15 +30,18 @@ from tqdm.auto import tqdm
 
 from diffst.config import ConfigError, RunConfig, resolve_config, save_config
 from diffst.diffusion.target import encode_target
-from diffst.errors import InputError
+from diffst.errors import InputError, TrainingInterrupted
 from diffst.training.checkpoint import (
     capture_rng,
+    checkpoint_folder,
     clean_temporary,
     latest_checkpoint,
     list_checkpoints,
     read_training_state,
     restore_rng,
+    run_lock,
     save_checkpoint,
+    set_aside,
 )
 from diffst.training.data import (
     STREAM_NOISE,
@@ -89,22 +95,111 @@ def _make_accelerator(cfg: RunConfig):
     )
 
 
-def _prepare_example(cfg: RunConfig) -> None:
+def _example_target(cfg: RunConfig, run_dir: Path) -> Path | None:
+    """The folder to prepare the built-in example into: ``data.path`` when it is absent or an empty folder.
+
+    None when ``data.path`` already holds a dataset (or no example is configured). Anything else there may
+    be the user's, so it is an error rather than replaced.
+    """
+    path = Path(cfg.data.path).resolve()
+    if cfg.data.example is None or (path / "dataset.json").is_file():
+        return None
+    if run_dir == path or path in run_dir.parents:
+        raise InputError(f"run_dir {run_dir} lies inside data.path {path}, where the built-in example is to be "
+                         "prepared; choose a run_dir outside data.path")
+    if path.exists() and not (path.is_dir() and not any(path.iterdir())):
+        kind = "a file" if not path.is_dir() else "a folder that is not empty"
+        raise InputError(
+            f"data.path {path} is {kind} and holds no prepared dataset (no dataset.json), so the built-in "
+            "example is not prepared there (that would replace what it holds); set data.path to a new or "
+            "empty folder, or to a dataset made by `diffst prepare`"
+        )
+    return path
+
+
+def _prepare_example(cfg: RunConfig, path: Path) -> None:
     from diffst.data.geometry import tile_preset
     from diffst.data.prepare import SplitSpec, prepare_dataset
     from diffst.example import EXAMPLE_TEST_REGION, load_example
 
     ex = cfg.data.example
-    log.info("preparing the built-in example into %s", cfg.data.path)
+    log.info("preparing the built-in example into %s", path)
     prepare_dataset(
         [load_example()],
-        cfg.data.path,
+        path,
         tile_preset(ex.preset, ex.scale),
         n_genes=ex.n_genes,
         split=SplitSpec(test_region=EXAMPLE_TEST_REGION, train_stride_um=ex.train_stride_um),
-        overwrite=True,
         progress=False,
     )
+
+
+def _make_run_dir(run_dir: Path) -> None:
+    blocker = next((p for p in (run_dir, *run_dir.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise InputError(f"cannot create run_dir {run_dir}: {blocker} is a file, not a folder; choose another run_dir")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create run_dir {run_dir} ({exc.strerror}); choose a folder you can write to") from None
+
+
+class _StopRequest:
+    """Inside ``with``: SIGINT / SIGTERM ask training to stop after the current step; a second one aborts.
+
+    Handlers are installed only in the main thread (Python allows no other); the previous ones are
+    restored on exit.
+    """
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt  # checkpoints are atomic, so aborting mid-save breaks nothing
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+
+def _interrupted(run_dir: Path, step: int, signal_name: str | None) -> TrainingInterrupted:
+    log.warning("%s: stopped after step %d", signal_name or "signal on another process", step)
+    return TrainingInterrupted(
+        f"interrupted at step {step}; checkpoint saved to {checkpoint_folder(run_dir, step)}; "
+        f"resume with: diffst train --config {run_dir / 'config.yaml'} --resume"
+    )
+
+
+def _resume_from(run_dir: Path, main: bool) -> dict[str, Any] | None:
+    """The newest intact checkpoint of ``run_dir``; newer damaged ones are skipped with a warning and
+    (main process) renamed to ``step_N.corrupt``."""
+    found = list_checkpoints(run_dir)
+    damaged = []
+    for _, folder in reversed(found):
+        try:
+            checkpoint = read_training_state(folder)
+        except InputError as exc:
+            log.warning("skipping damaged checkpoint %s: %s", folder, exc)
+            damaged.append(folder)
+            continue
+        if main:
+            for folder in damaged:
+                log.warning("renamed damaged checkpoint %s to %s", folder, set_aside(folder).name)
+        return checkpoint
+    if found:
+        raise InputError(f"cannot resume: no checkpoint in {run_dir / 'checkpoints'} is intact ({len(found)} "
+                         "damaged: see the warnings above or train.log); train into a new run_dir")
+    log.warning("resume requested but %s has no checkpoint; starting from step 0", run_dir)
+    return None
 
 
 def _open_datasets(cfg: RunConfig):
@@ -219,6 +314,12 @@ class _CsvLog:
         self.fh.close()
 
 
+def _close(*handles: Any) -> None:
+    for handle in handles:
+        if handle is not None:
+            handle.close()
+
+
 def _tensorboard(run_dir: Path, enabled: bool):
     if not enabled:
         return None
@@ -260,10 +361,11 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
         The run configuration (:func:`diffst.config.load_config`). Its resolved form is saved as
         ``<run_dir>/config.yaml`` and inside every checkpoint.
     resume
-        Continue from the latest complete checkpoint in ``cfg.run_dir`` (same step, weights, EMA,
-        optimiser, data order and random streams, so the result equals an uninterrupted run). Without a
-        checkpoint, training starts from scratch. Without ``resume``, a ``run_dir`` that already holds
-        checkpoints is an error.
+        Continue from the newest intact checkpoint in ``cfg.run_dir`` (same step, weights, EMA,
+        optimiser, data order and random streams, so the result equals an uninterrupted run); newer
+        damaged ones are skipped with a warning and renamed ``step_N.corrupt``. Without a checkpoint,
+        training starts from scratch. Without ``resume``, a ``run_dir`` that already holds checkpoints
+        is an error.
 
     Returns
     -------
@@ -272,6 +374,15 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
         step, epoch, loss, diffusion_loss, eps_mse, vlb, disentangle, grad_norm, lr, gamma, seconds),
         ``val.csv`` (when a validation split exists), ``train.log``, ``checkpoints/step_<step>/`` and
         ``tensorboard/`` (when tensorboard is installed).
+
+    Raises
+    ------
+    InputError
+        On bad inputs, e.g. a ``run_dir`` in use by another training process (the run folder is locked
+        for the whole run), or a non-empty ``data.path`` without a dataset when ``data.example`` is set.
+    TrainingInterrupted
+        After SIGINT / SIGTERM: the current step is finished and a checkpoint written first; the message
+        gives the command that resumes.
     """
     from diffst.diffusion.process import GaussianDiffusion
     from diffst.models.config import build_model
@@ -281,27 +392,30 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
     main = accelerator.is_main_process
     rank, world = accelerator.process_index, accelerator.num_processes
     device = accelerator.device
-    run_dir = Path(cfg.run_dir).expanduser().resolve()
+    run_dir = Path(cfg.run_dir).resolve()
 
+    example = None
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(run_dir / "train.log")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        if cfg.data.example is not None and not (Path(cfg.data.path) / "dataset.json").is_file():
-            _prepare_example(cfg)
-    accelerator.wait_for_everyone()
-
-    try:
-        return _train(cfg, resume, accelerator, run_dir, main, rank, world, device,
-                      GaussianDiffusion, build_model, coexpression_matrix)
-    finally:
+        example = _example_target(cfg, run_dir)
+        _make_run_dir(run_dir)
+    # Only the main process writes, so it alone holds the run folder's lock, for the whole run.
+    with run_lock(run_dir) if main else contextlib.nullcontext():
+        handler = None
         if main:
-            for h in list(log.handlers):
-                if isinstance(h, logging.FileHandler):
-                    log.removeHandler(h)
-                    h.close()
+            handler = logging.FileHandler(run_dir / "train.log")
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            log.addHandler(handler)
+            log.setLevel(logging.INFO)
+        try:
+            if example is not None:
+                _prepare_example(cfg, example)
+            accelerator.wait_for_everyone()
+            return _train(cfg, resume, accelerator, run_dir, main, rank, world, device,
+                          GaussianDiffusion, build_model, coexpression_matrix)
+        finally:
+            if handler is not None:
+                log.removeHandler(handler)
+                handler.close()
 
 
 def _train(cfg, resume, accelerator, run_dir, main, rank, world, device,
@@ -315,11 +429,8 @@ def _train(cfg, resume, accelerator, run_dir, main, rank, world, device,
         if main:
             clean_temporary(run_dir)
         accelerator.wait_for_everyone()
-        latest = latest_checkpoint(run_dir)
-        if latest is None:
-            log.warning("resume requested but %s has no complete checkpoint; starting from step 0", run_dir)
-        else:
-            checkpoint = read_training_state(latest)
+        checkpoint = _resume_from(run_dir, main)
+        if checkpoint is not None:
             _check_resume_config(checkpoint["config"], rcfg)
     elif list_checkpoints(run_dir):
         raise InputError(
@@ -423,55 +534,61 @@ def _train(cfg, resume, accelerator, run_dir, main, rank, world, device,
     bar = tqdm(total=total, initial=step, disable=not main, dynamic_ncols=True, desc="train")
     model.train()
     gamma = _gamma(rcfg, step / total, entropies)
-    while step < total:
-        epoch, offset = divmod(step, spe)
-        loader = make_loader(view, order.batches(epoch, offset), cfg.data.num_workers)
-        for batch in loader:
-            started = time.perf_counter()
-            gamma = _gamma(rcfg, step / total, entropies)
-            torch.manual_seed(derive_seed(cfg.seed, STREAM_TORCH, rank, step))  # dropout etc.
-            gen = torch.Generator().manual_seed(derive_seed(cfg.seed, STREAM_NOISE, rank, step))
-            loss, terms = _losses(diffusion, model, batch, gamma, gen, device, cfg.train.disentangle_weight)
-            accelerator.backward(loss)
-            grad_norm = None
-            if cfg.train.grad_clip is not None:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            ema.update(raw_model)
-            step += 1
+    with _StopRequest() as stop:
+        while step < total:
+            epoch, offset = divmod(step, spe)
+            loader = make_loader(view, order.batches(epoch, offset), cfg.data.num_workers)
+            for batch in loader:
+                started = time.perf_counter()
+                gamma = _gamma(rcfg, step / total, entropies)
+                torch.manual_seed(derive_seed(cfg.seed, STREAM_TORCH, rank, step))  # dropout etc.
+                gen = torch.Generator().manual_seed(derive_seed(cfg.seed, STREAM_NOISE, rank, step))
+                loss, terms = _losses(diffusion, model, batch, gamma, gen, device, cfg.train.disentangle_weight)
+                accelerator.backward(loss)
+                grad_norm = None
+                if cfg.train.grad_clip is not None:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                ema.update(raw_model)
+                step += 1
 
-            names = ["loss", "eps_mse", "vlb", "disentangle"]
-            values = torch.stack([loss.detach().float()] + [
-                terms[n].detach().float() if n in terms else torch.tensor(float("nan"), device=device)
-                for n in names
-            ])
-            values = accelerator.reduce(values, "mean")
-            row = {
-                "step": step, "epoch": epoch, "loss": float(values[0]), "diffusion_loss": float(values[1]),
-                "eps_mse": float(values[2]), "vlb": float(values[3]), "disentangle": float(values[4]),
-                "grad_norm": None if grad_norm is None else float(grad_norm),
-                "lr": optimizer.param_groups[0]["lr"], "gamma": gamma,
-                "seconds": round(time.perf_counter() - started, 4),
-            }
-            for k in ("vlb", "disentangle"):
-                if math.isnan(row[k]):
-                    row[k] = None
-            if main:
-                metrics.write(row)
-                bar.update(1)
-                if step % cfg.train.log_every == 0 or step == total:
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", eps=f"{row['eps_mse']:.4f}")
-                    if writer is not None:
-                        for k, v in row.items():
-                            if k not in ("step", "epoch") and v is not None:
-                                writer.add_scalar(f"train/{k}", v, step)
-            if cfg.train.val_every and step % cfg.train.val_every == 0 and step < total:
-                validate_now(step)
-            if step % cfg.train.checkpoint_every == 0 or step == total:
-                checkpoint_now(gamma)
-            if step >= total:
-                break
+                names = ["loss", "eps_mse", "vlb", "disentangle"]
+                values = torch.stack([loss.detach().float()] + [
+                    terms[n].detach().float() if n in terms else torch.tensor(float("nan"), device=device)
+                    for n in names
+                ] + [torch.tensor(float(stop.signal is not None), device=device)])
+                values = accelerator.reduce(values, "mean")  # also tells every rank that one was signalled
+                stopping = bool(values[5] > 0) and step < total
+                row = {
+                    "step": step, "epoch": epoch, "loss": float(values[0]), "diffusion_loss": float(values[1]),
+                    "eps_mse": float(values[2]), "vlb": float(values[3]), "disentangle": float(values[4]),
+                    "grad_norm": None if grad_norm is None else float(grad_norm),
+                    "lr": optimizer.param_groups[0]["lr"], "gamma": gamma,
+                    "seconds": round(time.perf_counter() - started, 4),
+                }
+                for k in ("vlb", "disentangle"):
+                    if math.isnan(row[k]):
+                        row[k] = None
+                if main:
+                    metrics.write(row)
+                    bar.update(1)
+                    if step % cfg.train.log_every == 0 or step == total:
+                        bar.set_postfix(loss=f"{row['loss']:.4f}", eps=f"{row['eps_mse']:.4f}")
+                        if writer is not None:
+                            for k, v in row.items():
+                                if k not in ("step", "epoch") and v is not None:
+                                    writer.add_scalar(f"train/{k}", v, step)
+                if cfg.train.val_every and step % cfg.train.val_every == 0 and step < total:
+                    validate_now(step)
+                if step % cfg.train.checkpoint_every == 0 or step == total or stopping:
+                    checkpoint_now(gamma)
+                if stopping:
+                    bar.close()
+                    _close(metrics, val_log, writer)
+                    raise _interrupted(run_dir, step, stop.signal)
+                if step >= total:
+                    break
     bar.close()
     if cfg.train.val_every:
         validate_now(step)
@@ -484,11 +601,7 @@ def _train(cfg, resume, accelerator, run_dir, main, rank, world, device,
             final_checkpoint=str(latest_checkpoint(run_dir)),
         )
         _write_json(run_dir / "run_info.json", info)
-        metrics.close()
-        if val_log is not None:
-            val_log.close()
-        if writer is not None:
-            writer.close()
+        _close(metrics, val_log, writer)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(rcfg.to_dict(), sort_keys=False))
     accelerator.wait_for_everyone()
     accelerator.end_training()
