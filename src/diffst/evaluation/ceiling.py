@@ -36,3 +36,13 @@ def split_half_ceiling(sample: Sample, genes: list[str], tile_origins: list[tupl
         rs.append(pearson_per_map(a, b))
     r = np.clip(np.nanmean(np.stack(rs), axis=0), 0, None)
     return np.sqrt(2 * r / (1 + r))
+
+
+def summarise_ceiling(per_gene: np.ndarray, genes: list[str]) -> dict:
+    """Mean ceiling over the genes that have counts in the tiles, and which genes were skipped (a gene
+    without any count in the evaluated tiles has no defined correlation)."""
+    per_gene = np.asarray(per_gene, dtype=np.float64)
+    skipped = [g for g, v in zip(genes, per_gene, strict=True) if not np.isfinite(v)]
+    finite = per_gene[np.isfinite(per_gene)]
+    return {"pcc": float(finite.mean()) if len(finite) else float("nan"), "genes_skipped": skipped,
+            "n_genes_skipped": len(skipped)}

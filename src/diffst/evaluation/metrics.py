@@ -31,7 +31,8 @@ def evaluate_maps(pred_counts: np.ndarray, true_counts: np.ndarray, normaliser=N
     dict with
       ``pcc``: mean over tiles and genes of the signed Pearson r of each map (NaN maps skipped);
       ``pcc_pooled``: mean over genes of r over all bins of all tiles;
-      ``rmse_counts``: RMSE in counts per HR bin;
+      ``rmse_counts`` / ``mae_counts``: RMSE / mean absolute error in counts per HR bin;
+      ``ssim``: mean structural similarity of the count maps (each map's data range from both maps);
       ``rmse_model``: RMSE in the normaliser's model space (when a normaliser is given);
       ``paper_rmse`` / ``paper_abs_pcc``: the paper's protocol (per-tile per-gene min-max to [0, 1], |r|).
     """
@@ -46,6 +47,8 @@ def evaluate_maps(pred_counts: np.ndarray, true_counts: np.ndarray, normaliser=N
         "pcc": float(np.nanmean(r)),
         "pcc_pooled": float(np.nanmean(pooled)),
         "rmse_counts": float(np.sqrt(np.mean((pred - true) ** 2))),
+        "mae_counts": float(np.mean(np.abs(pred - true))),
+        "ssim": float(np.nanmean(ssim_per_map(pred, true))),
         "paper_rmse": float(np.sqrt(np.mean((_minmax(pred) - _minmax(true)) ** 2))),
         "paper_abs_pcc": float(np.nanmean(np.abs(r))),
     }
@@ -59,3 +62,34 @@ def evaluate_maps(pred_counts: np.ndarray, true_counts: np.ndarray, normaliser=N
 def per_gene_pcc(pred_counts: np.ndarray, true_counts: np.ndarray) -> np.ndarray:
     """Signed r per gene, averaged over tiles: shape (genes,)."""
     return np.nanmean(pearson_per_map(np.asarray(pred_counts), np.asarray(true_counts)), axis=0)
+
+
+def ssim_per_map(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """Structural similarity of matching (..., H, W) count maps; NaN where both maps are constant."""
+    from skimage.metrics import structural_similarity
+
+    p = np.asarray(pred, dtype=np.float64).reshape(-1, *pred.shape[-2:])
+    t = np.asarray(true, dtype=np.float64).reshape(-1, *true.shape[-2:])
+    win = min(7, *[d if d % 2 else d - 1 for d in p.shape[-2:]])
+    out = np.full(len(p), np.nan)
+    for i, (a, b) in enumerate(zip(p, t, strict=True)):
+        span = max(a.max(), b.max()) - min(a.min(), b.min())
+        if span > 0 and win >= 3:
+            out[i] = structural_similarity(a, b, data_range=span, win_size=win)
+    return out.reshape(pred.shape[:-2])
+
+
+def bootstrap_interval(values: np.ndarray, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (resampling its first axis, e.g. tiles;
+    NaNs are ignored). Returns ``(low, high)``; NaN when fewer than two finite values exist."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v.reshape(len(v), -1)
+    finite_rows = np.isfinite(v).any(axis=1)
+    v = v[finite_rows]
+    if len(v) < 2:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(v), size=(n_boot, len(v)))
+    means = np.array([np.nanmean(v[i]) for i in picks])
+    tail = (1 - level) / 2
+    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
