@@ -21,6 +21,9 @@ test: setup
 	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m pytest -q
 
+lint: setup
+	$(PY) -m ruff check src tests benchmarks
+
 bench: setup
 	$(PY) benchmarks/bench_speed.py
 	$(PY) benchmarks/bench_sampler_quality.py

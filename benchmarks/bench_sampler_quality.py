@@ -1,7 +1,7 @@
 """Quality versus sampling steps on the real Xenium crop, region held out, at 5x and 10x.
 
-For each scale: prepare the built-in example (cpu tiles, right-most 200 µm held out), train the cpu
-preset (or reuse a finished run), then sample the held-out tiles with DDPM 1000 (the paper), respaced
+For each scale: prepare the built-in example (cpu tiles, right-most 200 µm held out), train the ``cpu``
+run preset (``src/diffst/presets/cpu.yaml``; or reuse a finished run), then sample the held-out tiles with DDPM 1000 (the paper), respaced
 DDPM 250/50/20, DDIM 50/20/10 and DPM-Solver++ 20/10, all from the same seeds, and report signed
 PCC and RMSE (counts) of the K-sample mean and of single samples, with wall time per tile, beside
 bicubic interpolation of LR and the split-half noise ceiling. Writes JSON, a Markdown table and a
@@ -22,17 +22,16 @@ import numpy as np
 import torch
 
 from diffst.config import parse_config
-from diffst.demo import cpu_run_config, prepare_example
+from diffst.demo import prepare_example_data
 from diffst.diffusion.config import SamplerConfig
-from diffst.diffusion.process import GaussianDiffusion
 from diffst.evaluation.ceiling import split_half_ceiling
 from diffst.evaluation.metrics import evaluate_maps
 from diffst.evaluation.report import evaluate_split
 from diffst.example import load_example
 from diffst.inference.predict import predict_tiles
 from diffst.plotting.compare import plot_metric_vs_steps
+from diffst.runs import latest_checkpoint, load_run, read_training_state
 from diffst.training import train
-from diffst.training.checkpoint import latest_checkpoint, load_checkpoint, read_training_state
 
 SAMPLERS = [("ddpm", 1000), ("ddpm", 250), ("ddpm", 50), ("ddpm", 20), ("ddim", 50), ("ddim", 20), ("ddim", 10),
             ("dpmpp", 20), ("dpmpp", 10)]
@@ -40,28 +39,26 @@ QUICK = [("ddpm", 20), ("ddim", 10), ("dpmpp", 10)]
 
 
 def trained_run(out: Path, scale: int, steps: int, seed: int) -> Path:
-    """Prepare and train once; a finished run in ``out`` is reused."""
-    prepared = out / f"prepared_s{scale}"
+    """Prepare and train once (the ``cpu`` run preset at ``scale``); a finished run in ``out`` is reused."""
     run_dir = out / f"run_s{scale}"
+    cfg = parse_config({
+        "preset": "cpu", "seed": seed, "device": "cpu", "run_dir": str(run_dir),
+        "data": {"path": str(out / f"prepared_s{scale}"), "example": {"scale": scale}},
+        "train": {"steps": steps, "checkpoint_every": max(steps // 4, 1), "keep_last": 2},
+    }, "benchmark")
     latest = latest_checkpoint(run_dir)
     if latest is not None and read_training_state(latest)["state"]["step"] >= steps:
         return run_dir
-    if not (prepared / "dataset.json").exists():
-        prepare_example(prepared, scale, progress=False)
-    cfg = parse_config(cpu_run_config(prepared, run_dir, steps, seed, device="cpu"), "benchmark")
+    prepare_example_data(cfg)
     train(cfg, resume=latest is not None)
     return run_dir
 
 
 def bench_scale(out: Path, scale: int, steps: int, samplers, k: int, seed: int) -> dict:
     from diffst.data.dataset import PreparedTiles
-    from diffst.data.normalise import LogScaleNormaliser
 
-    run_dir = trained_run(out, scale, steps, seed)
-    model, cfg, extras = load_checkpoint(run_dir, device="cpu")
-    dataset = PreparedTiles(out / f"prepared_s{scale}", "test",
-                            normaliser=LogScaleNormaliser(**extras["dataset"]["normaliser"]))
-    diffusion = GaussianDiffusion(cfg.diffusion)
+    run = load_run(trained_run(out, scale, steps, seed), device="cpu")
+    dataset = PreparedTiles(out / f"prepared_s{scale}", "test", normaliser=run.dataset.normaliser)
     truth = np.asarray(dataset.hr_counts)
     reference = evaluate_split(dataset, {})
     geom = dataset.geometry
@@ -72,8 +69,7 @@ def bench_scale(out: Path, scale: int, steps: int, samplers, k: int, seed: int) 
         sampler = SamplerConfig(method=method, steps=None if (method == "ddpm" and n_steps == 1000) else n_steps,
                                 num_samples=k)
         t0 = time.perf_counter()
-        preds = predict_tiles(model, diffusion, dataset, sampler, entropy_threshold=extras["entropy_threshold"],
-                              batch_size=len(dataset), seed=seed, progress=False)
+        preds = predict_tiles(run, dataset, sampler, batch_size=len(dataset), seed=seed, progress=False)
         seconds = (time.perf_counter() - t0) / (len(dataset) * k)
         mean_metrics = evaluate_maps(preds.mean, truth, dataset.normaliser)
         singles = [evaluate_maps(dataset.normaliser.to_counts(s), truth)["pcc"] for s in preds.samples_model]

@@ -4,6 +4,8 @@ Geometry: batch 1, 25 genes, LR 26 x 26, HR 256 x 256, RGB tile image 256 x 256,
 16 x 16. Both models use the ``paper`` preset. Measured, with ``torch.no_grad`` and
 ``torch.set_num_threads(os.cpu_count())``:
 
+Both models come from the packaged ``paper`` run preset (``src/diffst/presets/paper.yaml``).
+
 * parameter count;
 * forward latency: median over several runs after a warm-up; the two models alternate run by run in
   one process, so load from other processes on a shared machine hits both alike;
@@ -55,14 +57,20 @@ def paper_inputs(seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def build(arch: str) -> torch.nn.Module:
-    from diffst.models import build_model, model_preset
+    """The model of the ``paper`` run preset (with ``arch``), for N_GENES genes and an RGB image."""
+    from diffst.config import parse_config, resolve_config
+    from diffst.models import build_model
 
+    cfg = parse_config({"preset": "paper", "data": {"path": "."}, "model": {"arch": arch}, "run_dir": "."}, "paper")
     torch.manual_seed(0)
-    return build_model(model_preset("paper", n_genes=N_GENES, image_channels=3, arch=arch)).eval()
+    return build_model(resolve_config(cfg, N_GENES, 3).model_config_resolved()).eval()
 
 
-def conditions(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in inputs.items() if k not in ("x_t", "t")}
+def conditions(inputs: dict[str, torch.Tensor]):
+    """The model's conditions of the random inputs (a :class:`~diffst.models.base.Conditions`)."""
+    from diffst.models.base import Conditions
+
+    return Conditions.from_batch(inputs)
 
 
 def max_rss_mb() -> float:

@@ -4,17 +4,16 @@ import gzip
 import shutil
 
 import numpy as np
-import pandas as pd
 import pytest
 import tifffile
 
-from conftest import XENIUM_DIR, XENIUM_ORIGIN_UM
+from conftest import XENIUM_ORIGIN_UM
+from diffst.core.geometry import TileGeometry, tile_preset
+from diffst.core.image import SlideImage
+from diffst.core.sample import Sample
 from diffst.data.dataset import PreparedTiles
-from diffst.data.geometry import TileGeometry, tile_preset
 from diffst.data.prepare import SplitSpec, prepare_dataset
-from diffst.data.sample import Sample
 from diffst.errors import GeometryError, InputError
-from diffst.io.image import SlideImage
 from diffst.io.xenium import read_xenium
 
 
@@ -83,25 +82,23 @@ def test_xenium_reader_errors(tmp_path):
         read_xenium(wrong)
 
 
-@pytest.mark.skipif(not XENIUM_DIR.exists(), reason="real data absent")
-def test_wrong_pixel_size_or_origin_is_caught(tmp_path):
+def test_wrong_pixel_size_or_origin_is_caught(xenium_crop, tmp_path):
     # The classic mistake: forgetting the crop origin puts every transcript outside the image.
     with pytest.raises(GeometryError, match="fall outside its image.*pixel size"):
-        read_xenium(XENIUM_DIR)
+        read_xenium(xenium_crop.folder, **xenium_crop.read_kw)
     # A wrong pixel size (hires-vs-full-res style factor) shrinks the image under the data.
     with pytest.raises(GeometryError, match="outside its image"):
-        read_xenium(XENIUM_DIR, image_origin_um=XENIUM_ORIGIN_UM, pixel_size_um=0.2125 / 4)
+        read_xenium(xenium_crop.folder, image_origin_um=XENIUM_ORIGIN_UM, pixel_size_um=xenium_crop.pixel_size_um / 4)
 
 
-@pytest.mark.skipif(not XENIUM_DIR.exists(), reason="real data absent")
-def test_nan_and_negative_inputs(tmp_path):
-    table = pd.read_csv(XENIUM_DIR / "transcripts.csv.gz", nrows=500)
+def test_nan_and_negative_inputs(xenium_crop, tmp_path):
+    table = xenium_crop.table(nrows=500)
     table.loc[3, "x_location"] = np.nan
     path = tmp_path / "transcripts.csv.gz"
     table.to_csv(path, index=False)
     with pytest.raises(GeometryError, match="NaN or infinite"):
         read_xenium(path)
-    from diffst.data.sample import SpotTable
+    from diffst.core.sample import SpotTable
 
     with pytest.raises(InputError, match="negative values"):
         SpotTable(np.array([[1, -2]]), np.array([[0.0, 0.0]]), 55, 100, np.array(["a"]))
@@ -122,7 +119,8 @@ def test_image_smaller_than_tile_and_empty_tiles(xenium_sample, tmp_path):
     with pytest.raises(GeometryError, match="smaller than one 2600 µm tile"):
         prepare_dataset([xenium_sample], tmp_path / "p", tile_preset("paper", 10), progress=False)
     # A dark image (no tissue signal) and no transcripts in the chosen genes -> no tile has tissue.
-    blank = SlideImage(np.zeros((1800, 2400), np.uint16), pixel_size_um=0.2125, origin_um=XENIUM_ORIGIN_UM)
+    image = xenium_sample.image
+    blank = SlideImage(np.zeros(image.shape_px, np.uint16), pixel_size_um=image.pixel_size_um, origin_um=XENIUM_ORIGIN_UM)
     tx = xenium_sample.transcripts
     empty = Sample("blank", xenium_sample.genes, blank, tx[tx["gene"] == xenium_sample.genes.index("ERBB2")], platform="xenium")
     with pytest.raises(InputError, match="No tile has tissue"):
@@ -157,7 +155,7 @@ def test_corrupt_prepared_dataset(prepared_xenium, tmp_path):
 
 
 def test_mixed_image_kinds_are_refused_before_tiling(xenium_sample, tmp_path):
-    from diffst.data.synthetic import synthetic_slide
+    from diffst.testing import synthetic_slide
 
     he = synthetic_slide(220, 220, n_genes=12, seed=0)
     with pytest.raises(InputError, match="mix images with \\[1, 3\\] channels"):

@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 
 from diffst.atomic import clean_leftovers
 from diffst.cli import app
+from diffst.core.geometry import tile_preset
 from diffst.data.dataset import PreparedTiles
-from diffst.data.geometry import tile_preset
 from diffst.data.normalise import LogScaleNormaliser
 from diffst.data.prepare import SplitSpec, prepare_dataset
 from diffst.errors import GeometryError, InputError
@@ -283,7 +283,7 @@ def test_nan_checkpoint_fails_naming_it(tiny_run, prepared_xenium, tmp_path):
     import torch
     from safetensors.torch import load_file, save_file
 
-    from diffst.training.checkpoint import latest_checkpoint
+    from diffst.runs import latest_checkpoint
 
     run = tmp_path / "diverged"
     import shutil

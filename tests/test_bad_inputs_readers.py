@@ -12,24 +12,22 @@ import tifffile
 from skimage.transform import AffineTransform, warp
 from typer.testing import CliRunner
 
-from conftest import XENIUM_DIR, XENIUM_ORIGIN_UM
+from conftest import XENIUM_ORIGIN_UM, XeniumCrop
 from diffst.cli import app
-from diffst.data.sample import Sample
+from diffst.core.image import SlideImage
+from diffst.core.sample import Sample
 from diffst.errors import GeometryError, InputError
 from diffst.example import EXAMPLE_DIR, EXAMPLE_ORIGIN_UM, load_example
-from diffst.io import SlideImage, read_anndata, read_xenium
+from diffst.io import read_anndata, read_xenium
 
-CROP_TIF = XENIUM_DIR / "morphology_mip.tif"
 EXAMPLE_TX = EXAMPLE_DIR / "transcripts.parquet"
 EXAMPLE_TIF = EXAMPLE_DIR / "morphology_mip.ome.tif"
 
 
 @pytest.fixture(scope="module")
-def crop_table() -> pd.DataFrame:
+def crop_table(xenium_crop) -> pd.DataFrame:
     """The real crop's transcripts in Xenium's column layout."""
-    if not XENIUM_DIR.exists():
-        pytest.skip(f"real data not found at {XENIUM_DIR}")
-    return pd.read_csv(XENIUM_DIR / "transcripts.csv.gz")
+    return xenium_crop.table()
 
 
 @pytest.fixture()
@@ -65,47 +63,52 @@ def test_placement_check_passes_on_real_data_and_is_cheap(xenium_sample):
         assert max(scores, key=scores.get) == "given", scores
 
 
-WRONG_PIXEL_SIZES = [0.5, 0.425, 0.65, 1.0, 0.1]  # sizes users confuse with the crop's true 0.2125 µm/px
+# Sizes users confuse with the crop's true 0.2125 µm/px (full resolution); scaled by the same factor as the
+# image when the crop is the packaged 2x downsampled one (0.425 µm/px), so every ratio below stays the same.
+WRONG_PIXEL_SIZES = [0.5, 0.425, 0.65, 1.0, 0.1]
 
 
-@pytest.mark.skipif(not XENIUM_DIR.exists(), reason="real data absent")
-@pytest.mark.parametrize("pixel_size", WRONG_PIXEL_SIZES)
-def test_wrong_pixel_size_on_real_crop_is_caught_and_the_right_one_named(pixel_size, caplog):
+@pytest.mark.parametrize("wrong_at_full_res", WRONG_PIXEL_SIZES)
+def test_wrong_pixel_size_on_real_crop_is_caught_and_the_right_one_named(wrong_at_full_res, xenium_crop, caplog):
+    true = xenium_crop.pixel_size_um  # 0.2125 (shared) or 0.425 (packaged)
+    pixel_size = wrong_at_full_res * xenium_crop.downsampling
+    true_re = re.escape(f"{true:g}")
     kw = {"image_origin_um": XENIUM_ORIGIN_UM, "pixel_size_um": pixel_size}
-    if pixel_size < 0.2125:  # the transcripts overshoot the image: caught before the placement check
+    if pixel_size < true:  # the transcripts overshoot the image: caught before the placement check
         with pytest.raises(GeometryError, match=r"\d+% of the transcripts .* fall outside its image.*Likely cause: the "
                            r"data span 2\.\d+x the image, so the pixel size is too small; pixel_size_um \(--pixel-size\) "
-                           r"of about 0\.21\d* would fit"):
-            read_xenium(XENIUM_DIR, **kw)
+                           rf"of about {re.escape(f'{true:g}'[:4])}\d* would fit"):
+            read_xenium(xenium_crop.folder, **kw)
         return
     with pytest.raises(GeometryError) as caught:
-        read_xenium(XENIUM_DIR, **kw)
+        read_xenium(xenium_crop.folder, **kw)
     message = str(caught.value)
     assert re.fullmatch(
         r"The image of sample xenium_breast_crop does not line up with its transcripts: image intensity follows "
         rf"transcript density with r = -?0\.\d\d at the given placement \({pixel_size:g} µm/px, top-left corner at "
         r"\(1062\.0, 212\.0\) µm\) but r = 0\.\d\d with pixel size x0\.\d+ \(same top-left corner\)\. The pixel size "
-        r"looks wrong; the image fits best at about (0\.\d+) µm/px, close to 0\.2125 µm/px of a full-resolution Xenium "
-        r"morphology image: try pixel_size_um \(--pixel-size\) 0\.2125\. If the placement is right, pass "
+        rf"looks wrong; the image fits best at about (0\.\d+) µm/px, close to {true_re} µm/px of {xenium_crop.kind} Xenium "
+        rf"morphology image: try pixel_size_um \(--pixel-size\) {true_re}\. If the placement is right, pass "
         r"--force-pixel-size \(CLI\) or force_pixel_size=True \(read_xenium\) to only warn\.", message), message
     factor = float(re.search(r"with pixel size x(0\.\d+)", message).group(1))
     fitted = float(re.search(r"fits best at about (0\.\d+) µm/px", message).group(1))
-    assert abs(fitted / 0.2125 - 1) < 0.05 and abs(pixel_size * factor / 0.2125 - 1) < 0.05, message
+    assert abs(fitted / true - 1) < 0.05 and abs(pixel_size * factor / true - 1) < 0.05, message
     with caplog.at_level(logging.WARNING, logger="diffst.data"):  # forced: the same finding, as a warning
-        sample = read_xenium(XENIUM_DIR, force_pixel_size=True, **kw)
+        sample = read_xenium(xenium_crop.folder, force_pixel_size=True, **kw)
     assert sample.image.pixel_size_um == pixel_size
-    assert "does not line up with its transcripts" in caplog.text and "try pixel_size_um (--pixel-size) 0.2125" in caplog.text
+    assert "does not line up with its transcripts" in caplog.text
+    assert f"try pixel_size_um (--pixel-size) {true:g}" in caplog.text
 
 
-@pytest.mark.skipif(not XENIUM_DIR.exists(), reason="real data absent")
-def test_wrong_pixel_size_is_refused_by_the_cli(tmp_path):
+def test_wrong_pixel_size_is_refused_by_the_cli(xenium_crop, tmp_path):
     out = tmp_path / "prepared"
-    result = CliRunner().invoke(app, ["prepare", str(XENIUM_DIR), "--image-origin", "1062,212", "--pixel-size", "0.5",
-                                      "--out", str(out)])
+    wrong = 0.5 * xenium_crop.downsampling  # 0.5 against the full-resolution 0.2125: pixel size x0.425
+    result = CliRunner().invoke(app, ["prepare", str(xenium_crop.folder), "--image-origin", "1062,212", "--pixel-size",
+                                      f"{wrong:g}", "--out", str(out)])
     assert result.exit_code == 2 and not out.exists(), result.output
     assert re.search(r"does not line up with its transcripts.*with pixel size x0\.4\d+ .*try pixel_size_um "
-                     r"\(--pixel-size\) 0\.2125\. If the placement is right, pass --force-pixel-size \(CLI\)",
-                     " ".join(result.output.split())), result.output
+                     rf"\(--pixel-size\) {re.escape(f'{xenium_crop.pixel_size_um:g}')}\. If the placement is right, "
+                     r"pass --force-pixel-size \(CLI\)", " ".join(result.output.split())), result.output
 
 
 def test_placement_search_finds_the_pixel_size_on_a_3_mm_slide():
@@ -137,14 +140,15 @@ def test_placement_search_finds_the_pixel_size_on_a_3_mm_slide():
             big.check_placement()
 
 
-def _he_from_dapi(tmp_path):
+def _he_from_dapi(tmp_path, crop: XeniumCrop):
     """A real RGB H&E-like TIFF made from the crop's DAPI (dark nuclei, white glass) and its Xenium-style
     alignment CSV: H&E at 0.5 µm/px, rotated by 4 degrees relative to the morphology image."""
-    dapi = tifffile.imread(CROP_TIF).astype(np.float32)
+    dapi = tifffile.imread(crop.image).astype(np.float32)
     dapi = np.clip(dapi / np.percentile(dapi, 99), 0, 1)
-    a, s = np.deg2rad(4), 0.5 / 0.2125
+    rows, cols = dapi.shape
+    a, s = np.deg2rad(4), 0.5 / crop.pixel_size_um
     matrix = np.array([[s * np.cos(a), -s * np.sin(a), 0], [s * np.sin(a), s * np.cos(a), 0], [0, 0, 1]])
-    corners = np.linalg.inv(matrix) @ np.array([[0, 2400, 0, 2400], [0, 0, 1800, 1800], [1, 1, 1, 1]])
+    corners = np.linalg.inv(matrix) @ np.array([[0, cols, 0, cols], [0, 0, rows, rows], [1, 1, 1, 1]])
     lo, hi = corners[:2].min(axis=1) - 20, corners[:2].max(axis=1) + 20
     matrix[:2, 2] = matrix[:2, :2] @ lo
     w, h = (hi - lo).astype(int)
@@ -156,26 +160,25 @@ def _he_from_dapi(tmp_path):
     return tmp_path / "he.ome.tif", matrix
 
 
-@pytest.mark.skipif(not XENIUM_DIR.exists(), reason="real data absent")
-def test_he_alignment_passes_and_wrong_alignment_is_caught(tmp_path):
-    he, matrix = _he_from_dapi(tmp_path)
-    kw = {"image_origin_um": XENIUM_ORIGIN_UM, "he_image": he, "use_he": True}
-    sample = read_xenium(XENIUM_DIR, he_alignment=tmp_path / "he_imagealignment.csv", **kw)
+def test_he_alignment_passes_and_wrong_alignment_is_caught(xenium_crop, tmp_path):
+    he, matrix = _he_from_dapi(tmp_path, xenium_crop)
+    kw = {"image_origin_um": XENIUM_ORIGIN_UM, "he_image": he, "use_he": True, **xenium_crop.read_kw}
+    sample = read_xenium(xenium_crop.folder, he_alignment=tmp_path / "he_imagealignment.csv", **kw)
     assert sample.image.is_rgb and sample.check_placement()["given"] > 0.5
     with pytest.raises(GeometryError, match=r"does not line up with its transcripts.*with pixel size x0\.(4[6-9]|5[0-4])\d* "
                        r"\(same top-left corner\)\. The image's alignment matrix \(he_alignment for an H&E image\) looks "
                        r"wrong\. If the placement is right, pass --force-pixel-size"):
-        read_xenium(XENIUM_DIR, he_alignment=matrix @ np.diag([2.0, 2.0, 1.0]), **kw)
+        read_xenium(xenium_crop.folder, he_alignment=matrix @ np.diag([2.0, 2.0, 1.0]), **kw)
 
 
 # ------------------------------------------------------------------------------ 2. coordinates off the image
-def test_transcripts_outside_the_image_are_counted(crop_table, tmp_path, caplog):
+def test_transcripts_outside_the_image_are_counted(crop_table, xenium_crop, tmp_path, caplog):
     table = crop_table.copy()
     table.loc[::100, "x_location"] = -5.0  # 1 % negative coordinates
     path = tmp_path / "transcripts.parquet"
     table.to_parquet(path)
     with caplog.at_level(logging.WARNING, logger="diffst.data"):
-        sample = read_xenium(path, image=CROP_TIF, image_origin_um=XENIUM_ORIGIN_UM)
+        sample = read_xenium(path, image=xenium_crop.image, image_origin_um=XENIUM_ORIGIN_UM, **xenium_crop.read_kw)
     assert len(sample.transcripts) == len(table) == 186146
     assert ("1862 of 186146 transcripts (1.00%) of sample " f"{tmp_path.name} fall outside its image (1862 with negative "
             "coordinates); they are dropped when tiling.") in caplog.text
@@ -189,11 +192,11 @@ def test_transcripts_outside_the_image_are_counted(crop_table, tmp_path, caplog)
     with pytest.raises(GeometryError, match=r"\d+% of the transcripts .* fall outside its image.*Likely cause: the data "
                        r"would fit in the image but start at \(762, 212\) µm and the image at \(1062, 212\) µm, so the "
                        r"image origin is off"):
-        read_xenium(path, image=CROP_TIF, image_origin_um=XENIUM_ORIGIN_UM)
+        read_xenium(path, image=xenium_crop.image, image_origin_um=XENIUM_ORIGIN_UM, **xenium_crop.read_kw)
 
 
 # ------------------------------------------------------------------------------ 3. non-numeric columns
-def test_non_numeric_columns_are_named(crop_table, tmp_path):
+def test_non_numeric_columns_are_named(crop_table, xenium_crop, tmp_path):
     table = crop_table.head(2000).astype({"x_location": object, "qv": object})
     table.loc[[5, 9, 11], "x_location"] = "1,234.5"
     table.loc[20, "x_location"] = "n/a"  # pandas reads it as missing
@@ -201,26 +204,26 @@ def test_non_numeric_columns_are_named(crop_table, tmp_path):
     table.to_csv(path, index=False)
     with pytest.raises(InputError, match=r"Column 'x_location' of .*transcripts\.csv\.gz holds 3 non-numeric value\(s\) "
                        r"of 2000 rows, e.g\. '1,234\.5' in data row 6; expected numbers"):
-        read_xenium(path, image=CROP_TIF, image_origin_um=XENIUM_ORIGIN_UM)
+        read_xenium(path, image=xenium_crop.image, image_origin_um=XENIUM_ORIGIN_UM, **xenium_crop.read_kw)
     table.loc[[5, 9, 11], "x_location"] = 1100.0
     table.to_csv(path, index=False)
     with pytest.raises(GeometryError, match=r"x_location / y_location of .* are empty, NaN or infinite in 1 of 2000 rows "
                        r"\(e\.g\. data row 21\)"):
-        read_xenium(path, image=CROP_TIF, image_origin_um=XENIUM_ORIGIN_UM)
+        read_xenium(path, image=xenium_crop.image, image_origin_um=XENIUM_ORIGIN_UM, **xenium_crop.read_kw)
     table = crop_table.head(2000).astype({"qv": object})
     table.loc[7, "qv"] = "high"
     table.to_csv(path, index=False)
     with pytest.raises(InputError, match=r"Column 'qv' of .* holds 1 non-numeric value\(s\) of 2000 rows, e.g\. 'high'"):
-        read_xenium(path, image=CROP_TIF, image_origin_um=XENIUM_ORIGIN_UM)
+        read_xenium(path, image=xenium_crop.image, image_origin_um=XENIUM_ORIGIN_UM, **xenium_crop.read_kw)
 
 
-def test_empty_gene_name(crop_table, tmp_path):
+def test_empty_gene_name(crop_table, xenium_crop, tmp_path):
     table = crop_table.head(50).copy()
     table.loc[2, "feature_name"] = None
     path = tmp_path / "transcripts.csv.gz"
     table.to_csv(path, index=False)
     with pytest.raises(InputError, match=r"1 row\(s\) have an empty feature_name \(e\.g\. data row 3\)"):
-        read_xenium(path, image=CROP_TIF, image_origin_um=XENIUM_ORIGIN_UM)
+        read_xenium(path, image=xenium_crop.image, image_origin_um=XENIUM_ORIGIN_UM, **xenium_crop.read_kw)
 
 
 # ------------------------------------------------------------------------------ 4. nothing to read
@@ -240,7 +243,7 @@ def test_empty_or_fully_filtered_transcripts(crop_table, tmp_path):
 
 
 # ------------------------------------------------------------------------------ 5. damaged TIFF
-def test_truncated_or_corrupt_tiff_is_refused_on_open(tmp_path, small_tx):
+def test_truncated_or_corrupt_tiff_is_refused_on_open(tmp_path, small_tx, xenium_crop):
     pixels = np.random.default_rng(0).integers(0, 4000, (512, 512)).astype(np.uint16)
     path = tmp_path / "trunc.tif"
     tifffile.imwrite(path, pixels, tile=(128, 128), compression="zlib")
@@ -250,9 +253,9 @@ def test_truncated_or_corrupt_tiff_is_refused_on_open(tmp_path, small_tx):
         SlideImage(path, pixel_size_um=0.5)
     # The real crop image cut short, read through the Xenium reader.
     cut = tmp_path / "morphology_mip.tif"
-    cut.write_bytes(CROP_TIF.read_bytes()[:6_000_000])
+    cut.write_bytes(xenium_crop.image.read_bytes()[: int(xenium_crop.image.stat().st_size * 0.7)])
     with pytest.raises(InputError, match=r"Cannot read image .*morphology_mip\.tif: the file is truncated"):
-        read_xenium(small_tx, image=cut, image_origin_um=XENIUM_ORIGIN_UM)
+        read_xenium(small_tx, image=cut, image_origin_um=XENIUM_ORIGIN_UM, **xenium_crop.read_kw)
     # Same size but its last tile overwritten: found by decoding the far corner.
     bad = tmp_path / "corrupt.tif"
     tifffile.imwrite(bad, pixels, tile=(128, 128), compression="zlib")
@@ -278,18 +281,19 @@ def test_invalid_ome_pixel_size(tmp_path, small_tx):
     assert SlideImage(path, pixel_size_um=0.5).pixel_size_um == 0.5
 
 
-def test_nan_pixel_size_and_origin_name_the_keyword(small_tx):
-    kw = {"image": CROP_TIF}
+def test_nan_pixel_size_and_origin_name_the_keyword(small_tx, xenium_crop):
+    kw = {"image": xenium_crop.image}
     for origin in ((1062.0, float("nan")), "1062,212", (1062.0,)):
         with pytest.raises(GeometryError, match=r"image_origin_um \(--image-origin\) must be two finite numbers x, y"):
-            read_xenium(small_tx, image_origin_um=origin, **kw)
+            read_xenium(small_tx, image_origin_um=origin, **xenium_crop.read_kw, **kw)
     with pytest.raises(GeometryError, match=r"pixel_size_um \(--pixel-size\) must be a positive number of microns per "
                        r"pixel, got nan"):
         read_xenium(small_tx, image_origin_um=XENIUM_ORIGIN_UM, pixel_size_um=float("nan"), **kw)
 
 
-def test_bad_he_alignment_file(tmp_path, small_tx):
-    kw = {"image": CROP_TIF, "image_origin_um": XENIUM_ORIGIN_UM, "he_image": tmp_path / "he.tif"}
+def test_bad_he_alignment_file(tmp_path, small_tx, xenium_crop):
+    kw = {"image": xenium_crop.image, "image_origin_um": XENIUM_ORIGIN_UM, "he_image": tmp_path / "he.tif",
+          **xenium_crop.read_kw}
     text = tmp_path / "text.csv"
     text.write_text("a,b,c\n1,2,3\n4,5,6\n")
     singular = tmp_path / "singular.csv"

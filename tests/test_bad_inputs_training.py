@@ -22,10 +22,12 @@ import torch
 
 from diffst.config import ConfigError, load_config, parse_config
 from diffst.errors import InputError
+from diffst.example import prepare_example_data
+from diffst.runs import list_checkpoints, load_checkpoint, read_training_state
 from diffst.training import checkpoint as ckpt
-from diffst.training import load_checkpoint, train
+from diffst.training import train
 from diffst.training.__main__ import main as train_main
-from diffst.training.checkpoint import list_checkpoints, read_training_state, run_lock
+from diffst.training.checkpoint import run_lock
 from test_training import _config, _env, _read_metrics, _write, one_thread, prepared  # noqa: F401
 
 PY = sys.executable
@@ -52,7 +54,7 @@ def _run_main(capsys, args: list[str]) -> tuple[int, str]:
     return code, capsys.readouterr().err.strip()
 
 
-# -- the built-in example is prepared only into an absent or empty data.path ----------------------------
+# -- the built-in example is prepared (by the commands, before training) only into an absent or empty data.path --
 
 
 def _example_config(data_path: Path, run_dir: Path, **train) -> dict:
@@ -62,7 +64,7 @@ def _example_config(data_path: Path, run_dir: Path, **train) -> dict:
 
 
 @pytest.mark.parametrize("kind", ["folder", "file"])
-def test_example_never_replaces_the_users_data(tmp_path, kind):
+def test_example_never_replaces_the_users_data(tmp_path, capsys, kind):
     target = tmp_path / "mine"
     if kind == "folder":
         target.mkdir()
@@ -71,9 +73,10 @@ def test_example_never_replaces_the_users_data(tmp_path, kind):
     else:
         target.write_text("my data")
         expected = "a file"
-    with pytest.raises(InputError, match=rf"data.path {_re(target)} is {expected} and holds no prepared dataset "
-                                         r"\(no dataset.json\).*set data.path to a new or empty folder"):
-        train(parse_config(_example_config(target, tmp_path / "run", steps=1)))
+    code, err = _run_main(capsys, ["--config", str(_write(tmp_path / "c.yaml",
+                                                          _example_config(target, tmp_path / "run", steps=1)))])
+    assert code == 2 and re.fullmatch(rf"error: data.path {_re(target)} is {expected} and holds no prepared dataset "
+                                      r"\(no dataset.json\).*set data.path to a new or empty folder.*", err)
     assert (target / "notes.txt" if kind == "folder" else target).read_text() == "my data"
     assert not (tmp_path / "run").exists()
 
@@ -81,15 +84,19 @@ def test_example_never_replaces_the_users_data(tmp_path, kind):
 def test_example_run_dir_inside_data_path_is_refused(tmp_path):
     target = tmp_path / "prep"
     with pytest.raises(InputError, match=rf"run_dir {_re(target)}/run lies inside data.path {_re(target)}"):
-        train(parse_config(_example_config(target, target / "run", steps=1)))
+        prepare_example_data(parse_config(_example_config(target, target / "run", steps=1)))
     assert not target.exists()
 
 
 def test_example_is_prepared_into_an_empty_folder(tmp_path, one_thread):  # noqa: F811
     target = tmp_path / "empty"
     target.mkdir()
-    run_dir = train(parse_config(_example_config(target, tmp_path / "run", steps=1, checkpoint_every=1)))
-    assert (target / "dataset.json").is_file()
+    cfg = parse_config(_example_config(target, tmp_path / "run", steps=1, checkpoint_every=1))
+    with pytest.raises(InputError, match=rf"{_re(target)} is not a prepared Diff-ST dataset"):
+        train(cfg)  # training itself never prepares data
+    assert prepare_example_data(cfg) == target and (target / "dataset.json").is_file()
+    assert prepare_example_data(cfg) is None  # a dataset is there now: used as it is
+    run_dir = train(cfg)
     assert _steps(run_dir) == [1]
 
 
@@ -169,7 +176,7 @@ DAMAGE = {
     "truncated ema": ("ema.safetensors", _truncate, r"has \d+ bytes, manifest.json says \d+ \(truncated or overwritten\)"),
     "flipped byte in ema": ("ema.safetensors", _flip_byte, r"does not match its sha256 in manifest.json"),
     "garbage state.json": ("state.json", lambda p: p.write_text("{not json"), r"has \d+ bytes, manifest.json says \d+"),
-    "missing extras": ("extras.safetensors", Path.unlink, "is missing"),
+    "missing config.yaml": ("config.yaml", Path.unlink, "is missing"),
     "missing state.json": ("state.json", Path.unlink, "is missing"),
     "garbage manifest": ("manifest.json", lambda p: p.write_text("[]"), "is not a valid checkpoint manifest"),
 }

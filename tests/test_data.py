@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from diffst.core.geometry import TileGeometry, tile_preset
 from diffst.data.dataset import PreparedTiles
-from diffst.data.geometry import TileGeometry, tile_preset
 from diffst.data.normalise import LogScaleNormaliser
 from diffst.data.prepare import SplitSpec, prepare_dataset
 from diffst.data.tiling import block_sum, intersects, make_tile
@@ -49,9 +49,9 @@ def test_registration_nuclei_brighter_under_nuclear_transcripts(xenium_sample):
     other = np.nanmean(values[tx["overlaps_nucleus"].to_numpy() == 0])
     assert nuclear > 1.8 * other
     # A wrong origin (shifted by 5 µm, about half a nucleus) must visibly break it.
-    from diffst.io.image import SlideImage
+    from diffst.core.image import SlideImage
 
-    shifted = SlideImage(xenium_sample.image.path, pixel_size_um=0.2125, origin_um=(1067.0, 217.0))
+    shifted = SlideImage(xenium_sample.image.path, pixel_size_um=xenium_sample.image.pixel_size_um, origin_um=(1067.0, 217.0))
     v2 = shifted.values_at_um(tx[["x_um", "y_um"]].to_numpy())
     nuc2 = np.nanmean(v2[tx["overlaps_nucleus"].to_numpy() == 1])
     assert nuc2 / np.nanmean(v2[tx["overlaps_nucleus"].to_numpy() == 0]) < 0.8 * nuclear / other

@@ -1,5 +1,5 @@
 """Tests of the denoisers: shapes at the paper geometry and odd sizes, the co-expression matrix, the
-curriculum patch selection, component switches, trainability and determinism."""
+curriculum patch selection, component switches, trainability, determinism and the model registry."""
 
 from __future__ import annotations
 
@@ -11,16 +11,18 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 
+from diffst.core.curriculum import curriculum_threshold, kept_patch_mask, patch_entropy
+from diffst.errors import InputError
 from diffst.models import (
+    MODELS,
     DenoiserOutput,
     DiffST,
     GuidedDMBaseline,
     ModelConfig,
     build_model,
     coexpression_matrix,
-    curriculum_threshold,
-    kept_patch_mask,
     model_preset,
+    register_model,
 )
 from diffst.models.cam import CrossModalAdaptiveModulation
 
@@ -222,6 +224,15 @@ def test_curriculum_threshold_is_non_decreasing():
     assert curriculum_threshold(0.3, torch.as_tensor(entropies)) == pytest.approx(np.median(entropies))
 
 
+def test_patch_entropy_is_the_entropy_of_the_8_bit_grey_patch():
+    from skimage.measure import shannon_entropy
+
+    patch = np.random.default_rng(2).uniform(0, 1, size=(20, 20, 3)).astype(np.float32)
+    grey = (patch.mean(axis=-1) * 255).astype(np.uint8)
+    assert patch_entropy(patch) == shannon_entropy(grey) > 0
+    assert patch_entropy(np.full((8, 8, 1), 0.5, dtype=np.float32)) == 0.0  # a flat patch holds no information
+
+
 def test_entropy_threshold_changes_hierarchical_output_only():
     torch.manual_seed(0)
     batch = make_batch()
@@ -334,3 +345,47 @@ def test_wrong_inputs_fail_with_clear_errors():
               cells=batch["cells"], cell_entropy=batch["cell_entropy"])
     with pytest.raises(InputError, match="cells"):
         model(batch["x_t"], batch["t"], lr=batch["lr"], tissue=batch["tissue"])
+
+
+# --- registry -----------------------------------------------------------------------------------------
+
+
+def test_both_models_are_registered():
+    assert MODELS["diffst"] is DiffST and MODELS["guided_dm"] is GuidedDMBaseline
+
+
+def test_a_registered_model_is_built_by_name():
+    @register_model("tiny_test_model")
+    class TinyModel(torch.nn.Module):
+        def __init__(self, cfg: ModelConfig):
+            super().__init__()
+            self.cfg = cfg
+            self.scale = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, x_t, t, **conditions):
+            return DenoiserOutput(prediction=x_t * self.scale)
+
+    try:
+        cfg = tiny_config(arch="tiny_test_model")
+        model = build_model(cfg)
+        assert isinstance(model, TinyModel) and model.cfg is cfg
+        assert ModelConfig(**cfg.model_dump()) == cfg  # the name round-trips like any other config
+        x = torch.randn(1, N_GENES, 8, 8)
+        assert torch.equal(model(x, torch.zeros(1)).prediction, x)
+    finally:
+        MODELS.pop("tiny_test_model")
+
+
+def test_unknown_model_name_lists_the_registered_ones():
+    with pytest.raises(InputError, match=r"Unknown model 'unet': registered models are \['diffst', 'guided_dm'\]"):
+        build_model(ModelConfig.model_construct(**{**tiny_config().model_dump(), "arch": "unet"}))
+    with pytest.raises(ValidationError, match=r"registered models are \['diffst', 'guided_dm'\]"):
+        ModelConfig(arch="unet")
+
+
+def test_a_taken_name_cannot_be_registered_again():
+    with pytest.raises(InputError, match="already registered"):
+        @register_model("diffst")
+        class Impostor(torch.nn.Module):
+            pass
+    assert MODELS["diffst"] is DiffST

@@ -46,16 +46,16 @@ def test_stitch_averages_overlaps():
     np.testing.assert_allclose(table.loc[table["col"] == 0, "x_um"], 5.0)
 
 
-def test_train_predict_anndata(prepared_xenium, tmp_path):
+def test_train_predict_anndata(prepared_xenium, xenium_sample, tmp_path):
     import anndata as ad
     import yaml
 
     config = {
-        "data": {"path": str(prepared_xenium), "batch_size": 2},
-        "model": {"preset": "cpu", "base_channels": 16, "hr_size": 20, "attention_resolutions": [10]},
+        "preset": "tiny",
+        "data": {"path": str(prepared_xenium)},
         "train": {"steps": 6, "log_every": 1, "checkpoint_every": 3},
         "sampler": {"method": "ddim", "steps": 3},
-        "seed": 1, "device": "cpu", "run_dir": str(tmp_path / "run"),
+        "seed": 1, "run_dir": str(tmp_path / "run"),
     }
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
     result = runner.invoke(app, ["train", "--config", str(tmp_path / "c.yaml")])
@@ -73,10 +73,15 @@ def test_train_predict_anndata(prepared_xenium, tmp_path):
     assert adata.n_obs == len(np.unique(adata.obs[["row", "col"]].to_numpy(), axis=0)) > 400
     assert adata.X.min() >= 0 and np.isfinite(adata.X).all()
     assert adata.layers["std"].max() > 0 and adata.layers["observed"].sum() > 0
-    # spatial = microns mapped through the image placement (Xenium: 0.2125 µm/px from the crop corner)
-    np.testing.assert_allclose(adata.obsm["spatial"][:, 0], (adata.obs["x_um"] - 1062.0) / 0.2125, rtol=1e-6)
+    # spatial = microns mapped through the image placement (from the crop corner, at the image's pixel size:
+    # Xenium's 0.2125 µm/px for the shared crop, 0.425 µm/px for the packaged one)
+    px = xenium_sample.image.pixel_size_um
+    np.testing.assert_allclose(adata.obsm["spatial"][:, 0], (adata.obs["x_um"] - 1062.0) / px, rtol=1e-6)
     report = json.loads(out.with_suffix(".metrics.json").read_text())
     assert {"bicubic", "diffst"} <= set(report) and -1 <= report["diffst"]["pcc"] <= 1
-    # Same seed -> same prediction.
-    result = runner.invoke(app, args[:-6] + ["--out", str(tmp_path / "again.h5ad")] + args[-6:])
-    np.testing.assert_allclose(ad.read_h5ad(tmp_path / "again.h5ad").X, adata.X, rtol=1e-5)
+    # Same seed -> same prediction; without --sampler / --steps the run's own sampler settings (ddim, 3) are used.
+    result = runner.invoke(app, args[:5] + ["--out", str(tmp_path / "again.h5ad"), "--samples", "2", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    again = ad.read_h5ad(tmp_path / "again.h5ad")
+    assert (again.uns["diffst"]["sampler"]["method"], again.uns["diffst"]["sampler"]["steps"]) == ("ddim", 3)
+    np.testing.assert_allclose(again.X, adata.X, rtol=1e-5)

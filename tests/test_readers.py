@@ -14,23 +14,22 @@ import scipy.sparse as sp
 from scipy import ndimage
 from skimage.filters import threshold_otsu
 
-from diffst.data.sample import Sample, SpotTable
-from diffst.data.synthetic import synthetic_slide
+from conftest import HER2ST_DIR
+from diffst.core.image import SlideImage
+from diffst.core.sample import Sample, SpotTable
 from diffst.errors import GeometryError, InputError
 from diffst.io import (
-    SlideImage,
     detect_platform,
     read_anndata,
     read_legacy_st,
     read_sample,
     read_visium,
-    write_visium,
 )
 from diffst.io.legacy_st import find_legacy_st
 from diffst.io.visium import make_unique, read_10x_h5
+from diffst.testing import synthetic_slide, write_visium
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-C2 = SHARED / "her2st_C2_C3" / "C2"
+C2 = HER2ST_DIR / "C2"
 needs_c2 = pytest.mark.skipif(not C2.is_dir(), reason=f"shared HER2ST data not found at {C2} (../shared/data)")
 
 

@@ -179,7 +179,7 @@ def test_gaussian_data_distribution(diff, method, steps, std_tol):
 def test_dispatch_and_config(diff):
     with pytest.raises(InputError, match="unknown sampler"):
         sample(dummy, _noise(), diff, "euler", 5)
-    with pytest.raises(InputError, match="eta"):
+    with pytest.raises(TypeError, match="eta"):  # only DDIM takes eta; SamplerConfig refuses it for the others
         sample(dummy, _noise(), diff, "ddpm", 5, eta=0.3)
     cfg = SamplerConfig(method="ddim", steps=5, num_samples=2, eta=0.2)
     mean, std, samples = sample_with_config(dummy, SHAPE, diff, cfg, torch.Generator().manual_seed(0))

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from diffst.data.synthetic import synthetic_slide
 from diffst.errors import InputError
+from diffst.testing import synthetic_slide
 
 
 @pytest.fixture(scope="module")

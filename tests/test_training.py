@@ -1,5 +1,5 @@
-"""Training: config validation, overfitting one real tile, kill-and-resume reproducibility, 2-process DDP,
-weights-only checkpoints."""
+"""Training: config validation and presets, overfitting one real tile, kill-and-resume reproducibility (for the
+diffusion and the regression objective), 2-process DDP, weights-only checkpoints read back by the run layer."""
 
 from __future__ import annotations
 
@@ -12,26 +12,22 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
-from diffst.config import ConfigError, load_config, parse_config, resolve_config
-from diffst.training import load_checkpoint, train
-from diffst.training.checkpoint import list_checkpoints, read_training_state
+from diffst.config import ConfigError, load_config, parse_config, preset_names, resolve_config
+from diffst.runs import list_checkpoints, load_run, read_training_state
+from diffst.training import train
 from diffst.training.data import EpochOrder
-
-TINY_MODEL = dict(
-    preset="cpu", base_channels=16, channel_mult=[1, 2], attention_resolutions=[10], hr_size=20,
-    d_tissue=16, d_cell=16, d_attn=16, graph_node_size=4, cam_window=4,
-)
 
 
 @pytest.fixture(scope="session")
 def prepared(tmp_path_factory) -> Path:
     """A small prepared dataset of the real Xenium crop (8 genes, DAPI, 5x, 20 x 20 HR tiles)."""
-    from diffst.data.geometry import tile_preset
+    from diffst.core.geometry import tile_preset
     from diffst.data.prepare import SplitSpec, prepare_dataset
     from diffst.example import EXAMPLE_TEST_REGION, load_example
 
@@ -54,14 +50,8 @@ def one_thread():
 
 
 def _config(prepared: Path, run_dir: Path, **train) -> dict:
-    return dict(
-        data=dict(path=str(prepared), batch_size=2),
-        model=dict(TINY_MODEL),
-        train=dict(dict(steps=8, lr=1e-3, ema_decay=0.9, checkpoint_every=4, keep_last=2, val_every=0), **train),
-        device="cpu",
-        seed=3,
-        run_dir=str(run_dir),
-    )
+    """A run of the packaged ``tiny`` preset (8 steps, checkpoints every 4, on the CPU) with ``train`` overrides."""
+    return dict(preset="tiny", data=dict(path=str(prepared)), model={}, train=train, seed=3, run_dir=str(run_dir))
 
 
 def _write(path: Path, data: dict) -> Path:
@@ -116,7 +106,7 @@ def test_config_bad_values_are_named(tmp_path):
     with pytest.raises(ConfigError, match="device"):
         parse_config(data)
     data = _config(tmp_path, tmp_path / "run")
-    data["train"]["epochs"] = 3  # steps and epochs together
+    data["train"].update(steps=8, epochs=3)  # steps and epochs together
     with pytest.raises(ConfigError, match="exactly one of steps or epochs"):
         parse_config(data)
     data = _config(tmp_path, tmp_path / "run")
@@ -140,11 +130,31 @@ def test_config_resolution_is_idempotent_and_checks_dataset(tmp_path):
         resolve_config(resolved, n_genes=25, image_channels=1)
 
 
+def test_presets_are_expanded_and_overridden(tmp_path):
+    assert {"cpu", "paper", "tiny"} <= set(preset_names())
+    cpu = parse_config({"preset": "cpu", "data": {"path": "p", "example": {"scale": 10}}, "run_dir": "r"})
+    assert (cpu.data.example.scale, cpu.data.example.n_genes, cpu.data.example.train_stride_um) == (10, 25, 20)
+    assert (cpu.diffusion.parameterization, cpu.sampler.method, cpu.train.objective) == ("v", "dpmpp", "diffusion")
+    paper = parse_config({"preset": "paper", "data": {"path": "p"}, "train": {"steps": 5}, "run_dir": "r"})
+    assert (paper.train.steps, paper.train.epochs) == (5, None)  # steps replace the preset's epochs
+    with pytest.raises(ConfigError, match=r"unknown run preset 'gpu'; choose one of \['cpu', 'paper'"):
+        parse_config({"preset": "gpu", "data": {"path": "p"}, "run_dir": "r"})
+    # learn_sigma lives in the diffusion section only; the model's output channels follow it.
+    with pytest.raises(ConfigError, match="learn_sigma is set by diffusion.learn_sigma"):
+        parse_config(dict(_config(tmp_path, "run"), model={"learn_sigma": False}))
+    data = _config(tmp_path, "run")
+    data["diffusion"] = {"learn_sigma": False}
+    resolved = resolve_config(parse_config(data), n_genes=8, image_channels=1)
+    assert "learn_sigma" not in resolved.to_dict()["model"] and resolved.model_config_resolved().out_channels == 8
+
+
 def test_example_configs_load():
     root = Path(__file__).resolve().parents[1] / "configs"
     cpu = load_config(root / "cpu_xenium.yaml")
     paper = load_config(root / "paper_xenium.yaml")
     assert cpu.model.preset == "cpu"
+    paths = {"data": {"path": cpu.data.path}, "run_dir": cpu.run_dir}
+    assert cpu.to_dict() == parse_config({"preset": "cpu", **paths}).to_dict()  # the preset, with its paths
     assert paper.model.preset == "paper"
     assert (paper.data.batch_size, paper.train.lr, paper.train.epochs) == (4, 1e-4, 200)
     assert paper.train.weight_decay == 1e-5 and paper.train.betas == (0.9, 0.999)
@@ -163,12 +173,14 @@ def test_epoch_order_shards_and_resumes():
 # -- (a) a tiny model overfits one real tile -----------------------------------------------------------
 
 
-def test_overfits_one_tile(prepared, tmp_path, one_thread):
-    data = _config(prepared, tmp_path / "overfit", steps=60, lr=2e-3, checkpoint_every=1000, curriculum=False)
+@pytest.mark.parametrize("objective, column", [("diffusion", "diffusion_loss"), ("regression", "mse")])
+def test_overfits_one_tile(prepared, tmp_path, one_thread, objective, column):
+    data = _config(prepared, tmp_path / "overfit", steps=60, lr=2e-3, checkpoint_every=1000, curriculum=False,
+                   objective=objective)
     # One real tile, four copies per batch (different timesteps / noise) to steady the loss estimate.
     data["data"].update(subset=[0, 0, 0, 0], batch_size=4, augment=False)
     run_dir = train(parse_config(data))
-    losses = [float(r["diffusion_loss"]) for r in _read_metrics(run_dir)]
+    losses = [float(r[column]) for r in _read_metrics(run_dir)]
     assert len(losses) == 60
     first, last = sum(losses[:5]) / 5, sum(losses[-10:]) / 10
     assert last < 0.5 * first, (first, last)
@@ -189,19 +201,29 @@ def test_checkpoint_weights_only_and_config(prepared, tmp_path, one_thread):
     rng = torch.load(folder / "rng.pt", weights_only=True)
     assert opt["state"] and "torch" in rng and "numpy" in rng and "python" in rng
     ema = load_file(folder / "ema.safetensors")
-    model, loaded_cfg, extras = load_checkpoint(run_dir)
-    assert not model.training
+    run = load_run(run_dir)
+    model = run.model
+    assert not model.training and run.weights == "ema" and run.path == folder
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, ema[k], rtol=0, atol=0)
-    live, _, _ = load_checkpoint(folder, ema=False)
+    live = load_run(folder, ema=False).model
     assert any(not torch.equal(a, b) for a, b in zip(live.state_dict().values(), model.state_dict().values(), strict=True))
-    assert extras["step"] == 4
-    assert extras["coexpression"].shape == (8, 8)
-    torch.testing.assert_close(model.graph.coexpression.double(), torch.as_tensor(extras["coexpression"]))
-    assert extras["entropy_threshold"] is not None  # curriculum on: final gamma recorded
+    assert run.step == 4
+    from diffst.data.dataset import PreparedTiles
+    from diffst.models.graph import coexpression_matrix
+
+    tiles = PreparedTiles(prepared, "train")
+    np.testing.assert_allclose(run.coexpression, coexpression_matrix(np.asarray(tiles.hr_counts)), rtol=1e-6, atol=1e-7)
+    assert run.entropy_threshold is not None  # curriculum on: final gamma recorded
+    assert (run.dataset.genes, run.dataset.image_channels, run.dataset.geometry) == (tiles.genes, 1, tiles.geometry)
+    assert run.dataset.normaliser == tiles.normaliser
+    # Each artifact is written once: the configuration in config.yaml, the co-expression matrix with the weights.
+    assert sorted(p.name for p in folder.iterdir()) == ["config.yaml", "ema.safetensors", "manifest.json",
+                                                        "model.safetensors", "optimizer.pt", "rng.pt", "state.json"]
+    assert "config" not in json.loads((folder / "state.json").read_text())
     # (f) the saved configuration is the resolved configuration
     resolved = resolve_config(cfg, 8, 1)
-    assert loaded_cfg.to_dict() == resolved.to_dict()
+    assert run.config.to_dict() == resolved.to_dict()
     assert load_config(folder / "config.yaml").to_dict() == resolved.to_dict()
     assert load_config(run_dir / "config.yaml").to_dict() == resolved.to_dict()
     info = json.loads((run_dir / "run_info.json").read_text())
@@ -236,11 +258,12 @@ def test_validation_split_is_used_when_present(prepared, tmp_path, one_thread):
 # -- (b) resume after a real SIGKILL reproduces an uninterrupted run --------------------------------------
 
 
-def test_resume_after_kill_matches_uninterrupted(prepared, tmp_path, one_thread):
+@pytest.mark.parametrize("objective", ["diffusion", "regression"])
+def test_resume_after_kill_matches_uninterrupted(prepared, tmp_path, one_thread, objective):
     steps = 20
-    reference = train(parse_config(_config(prepared, tmp_path / "ref", steps=steps)))
+    reference = train(parse_config(_config(prepared, tmp_path / "ref", steps=steps, objective=objective)))
 
-    cfg_file = _write(tmp_path / "killed.yaml", _config(prepared, tmp_path / "killed", steps=steps))
+    cfg_file = _write(tmp_path / "killed.yaml", _config(prepared, tmp_path / "killed", steps=steps, objective=objective))
     cmd = [sys.executable, "-m", "diffst.training", "--config", str(cfg_file)]
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = tmp_path / "killed" / "checkpoints" / "step_00000004"
@@ -270,6 +293,7 @@ def test_resume_after_kill_matches_uninterrupted(prepared, tmp_path, one_thread)
         for k in ref_opt[i]:
             torch.testing.assert_close(res_opt[i][k], ref_opt[i][k], rtol=1e-6, atol=1e-6)
     assert res["state"]["ema_updates"] == steps
+    assert res["config"].train.objective == objective
     steps_logged = [int(r["step"]) for r in _read_metrics(tmp_path / "killed")]
     assert steps_logged == list(range(1, steps + 1))  # rows logged after the checkpoint were replaced
 
@@ -290,5 +314,17 @@ def test_two_process_data_parallel(prepared, tmp_path):
     assert len(sums) == 2 and sums[0] == sums[1]  # both ranks hold identical weights
     assert [s for s, _ in list_checkpoints(tmp_path / "ddp")] == [3, 6]
     assert [int(r["step"]) for r in _read_metrics(tmp_path / "ddp")] == list(range(1, 7))
-    model, _, _ = load_checkpoint(tmp_path / "ddp")
+    model = load_run(tmp_path / "ddp").model
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_regression_run_predicts_deterministically(prepared, tmp_path, one_thread):
+    from diffst.inference.predict import predict_checkpoint
+
+    run_dir = train(parse_config(_config(prepared, tmp_path / "reg", steps=2, checkpoint_every=2, objective="regression")))
+    _, first, extras = predict_checkpoint(run_dir, prepared, sampler={"num_samples": 3}, seed=0, device="cpu",
+                                          progress=False)
+    _, again, _ = predict_checkpoint(run_dir, prepared, seed=5, device="cpu", progress=False)
+    assert first.samples_model.shape[0] == 1 and not first.std.any()  # one deterministic prediction per tile
+    np.testing.assert_array_equal(first.mean, again.mean)
+    assert np.isfinite(first.mean).all() and extras["step"] == 2

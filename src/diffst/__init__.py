@@ -1,10 +1,10 @@
-"""Diff-ST: super-resolved spatial transcriptomics with a cross-modal conditional diffusion model."""
+"""Diff-ST: super-resolved spatial transcriptomics with a cross-modal conditional diffusion model.
 
-import os
+Importing :mod:`diffst` has no side effects: it sets no environment variable, selects no matplotlib
+backend and loads no heavy dependency. Process-wide settings (e.g. ``OMP_WAIT_POLICY``) are made by
+the entry points that start work: the ``diffst`` command and ``python -m diffst.training``.
+"""
 
-# With OpenMP's default busy-waiting, a torch process sharing a small CPU with any other busy process
-# slows down by 20-50x (measured here: 0.3 s -> 18 s per training step on 2 cores). Passive waiting
-# avoids that at little cost; it only takes effect if set before torch loads, and a user's value wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
+# The one version string of the package: pyproject.toml reads it from here
+# ([tool.setuptools.dynamic] version = {attr = "diffst.__version__"}).
 __version__ = "0.1.0"

@@ -1,5 +1,7 @@
-"""Safe outputs: refuse paths that must never be replaced, build outputs beside their final place, swap
-them in atomically, and clear the leftovers of runs that were killed.
+"""Safe outputs: refuse protected paths, write beside the final place, swap in atomically, clean leftovers.
+
+Paths that must never be replaced are refused, outputs are built beside their final place and swapped in
+atomically, and the leftovers of runs that were killed are cleared.
 
 Every output Diff-ST writes (prepared datasets, predictions, metrics) goes through here, so one set of
 rules holds everywhere:
@@ -48,15 +50,20 @@ def _pid_alive(pid: int) -> bool:
 
 
 def protected_paths() -> list[Path]:
-    """Folders that are never replaced: the filesystem root, the home folder, the working directory
-    and every parent of the working directory."""
+    """List the folders that are never replaced.
+
+    These are the filesystem root, the home folder, the working directory and its parents.
+    """
     cwd = Path.cwd().resolve()
     return [Path(cwd.anchor), Path.home().resolve(), cwd, *cwd.parents]
 
 
 def check_writable_target(path: str | Path, what: str) -> Path:
-    """Check, before any work starts, that ``path`` can be created: no protected folder, no ancestor
-    that is a file, and a writable nearest existing folder. Returns the absolute path."""
+    """Check, before any work starts, that ``path`` can be created; return it absolute.
+
+    It must not be a protected folder, no ancestor may be a file, and the nearest existing folder must be
+    writable.
+    """
     path = Path(path).expanduser()
     resolved = path.resolve()
     if resolved in protected_paths():
@@ -76,8 +83,9 @@ def check_writable_target(path: str | Path, what: str) -> Path:
 
 def check_replaceable(path: str | Path, what: str, is_ours: Callable[[Path], bool], overwrite: bool,
                       flag: str = "--overwrite") -> Path:
-    """Validate an output path before any work: writable (see :func:`check_writable_target`) and, if
-    something is already there, replaceable.
+    """Validate an output path before any work: writable and, if something is there, replaceable.
+
+    Writability is checked by :func:`check_writable_target`.
 
     An existing path may be replaced only with ``overwrite`` and only when ``is_ours(path)`` says Diff-ST
     wrote it (an empty folder counts as free). Returns the absolute path.
@@ -99,8 +107,10 @@ def check_replaceable(path: str | Path, what: str, is_ours: Callable[[Path], boo
 
 
 def clean_leftovers(target: str | Path) -> None:
-    """Remove the temporary outputs of dead processes beside ``target``; restore a moved-aside original
-    whose replacement never arrived."""
+    """Remove the temporary outputs of dead processes beside ``target``.
+
+    A moved-aside original whose replacement never arrived is restored instead.
+    """
     target = Path(target).resolve()
     parent = target.parent
     if not parent.is_dir():
@@ -125,7 +135,7 @@ def _remove(path: Path) -> None:
 
 
 def temporary_path(target: Path) -> Path:
-    """A hidden sibling of ``target`` that this process owns."""
+    """Return a hidden sibling path of ``target`` that this process owns."""
     return target.parent / f".{target.name}.partial-{os.getpid()}-{next(_counter)}"
 
 
@@ -147,8 +157,10 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def swap_into_place(new: Path, target: Path) -> None:
-    """Move the complete output ``new`` to ``target``, replacing what is there; at every moment the
-    target is either the old complete output or the new one."""
+    """Move the complete output ``new`` to ``target``, replacing what is there.
+
+    At every moment the target is either the old complete output or the new one.
+    """
     if target.resolve() in protected_paths():  # last line of defence, whatever the caller checked
         raise InputError(f"Refusing to replace {target}: it is the filesystem root, the home folder, the working "
                          "directory or one of its parents.")

@@ -2,25 +2,32 @@
 
 A run configuration has the sections ``data``, ``model``, ``diffusion``, ``train`` and ``sampler`` plus
 ``seed``, ``device`` and ``run_dir``. Every section rejects unknown keys, so a typo fails with a message
-naming the key. The ``model`` section is a preset name plus overrides of any
+naming the key. The ``model`` section is a model preset name plus overrides of any
 :class:`~diffst.models.config.ModelConfig` field; :func:`resolve_config` turns it into the full model
 configuration (taking ``n_genes`` and ``image_channels`` from the prepared dataset) and makes paths
 absolute. The *resolved* configuration is the one saved with a run and inside every checkpoint; loading
 it again and resolving it gives the same object.
 
+Run presets are packaged YAML files (``src/diffst/presets/<name>.yaml``: ``cpu``, ``paper``, ``tiny``). A
+configuration that says ``preset: NAME`` at top level starts from that file and overrides its keys
+(sections merge key by key; giving ``train.steps`` replaces the preset's ``train.epochs`` and vice versa).
+
 Example
 -------
 .. code-block:: yaml
 
-    data: {path: prepared/xenium_cpu5, batch_size: 4}
-    model: {preset: cpu, base_channels: 16}
-    train: {steps: 2000, lr: 2.0e-4, ema_decay: 0.999}
+    preset: cpu
+    data: {path: prepared/xenium_cpu5, example: null}
+    train: {steps: 4000, ema_decay: 0.999}
     run_dir: runs/xenium_cpu
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import os
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,6 +50,8 @@ __all__ = [
     "resolve_config",
     "save_config",
     "apply_overrides",
+    "preset_names",
+    "read_preset",
 ]
 
 
@@ -57,10 +66,14 @@ def _expand_home(path: str) -> str:
 class ExampleDataConfig(BaseModel):
     """How to prepare the built-in Xenium example when ``data.path`` does not hold a prepared dataset yet.
 
+    Training itself never prepares data: the commands (``diffst train``, ``diffst demo``,
+    ``python -m diffst.training``) call :func:`diffst.example.prepare_example_data` first. Every field is
+    required; the ``cpu`` preset holds the values of the built-in runs.
+
     Attributes
     ----------
     preset
-        Tile geometry preset of :func:`diffst.data.geometry.tile_preset` (``"cpu"`` or ``"paper"``).
+        Tile geometry preset of :func:`diffst.core.geometry.tile_preset` (``"cpu"`` or ``"paper"``).
     scale
         Super-resolution factor (LR bin / HR bin).
     n_genes
@@ -71,10 +84,10 @@ class ExampleDataConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    preset: str = "cpu"
-    scale: int = Field(5, ge=1)
-    n_genes: int = Field(25, ge=1)
-    train_stride_um: float | None = Field(20.0, gt=0)
+    preset: str
+    scale: int = Field(ge=1)
+    n_genes: int = Field(ge=1)
+    train_stride_um: float | None = Field(gt=0)
 
 
 class DataConfig(BaseModel):
@@ -98,7 +111,8 @@ class DataConfig(BaseModel):
     subset
         Optional list of training-tile indices to train on (e.g. ``[0]`` to overfit one tile).
     example
-        If given and ``path`` holds no prepared dataset, the built-in example is prepared there first.
+        If given and ``path`` is absent or an empty folder, the commands prepare the built-in example
+        there before training (see :class:`ExampleDataConfig`).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -136,8 +150,9 @@ class ModelSpec(BaseModel):
 
     ``preset: cpu`` or ``preset: paper`` starts from :func:`~diffst.models.config.model_preset`;
     ``preset: null`` starts from the ``ModelConfig`` defaults. ``n_genes`` and ``image_channels`` are
-    taken from the dataset when not given (and checked against it when given). A resolved spec has
-    ``preset: null`` and lists every field.
+    taken from the dataset when not given (and checked against it when given). ``learn_sigma`` is not a
+    model setting here: it follows ``diffusion.learn_sigma``. A resolved spec has ``preset: null`` and
+    lists every other field.
     """
 
     model_config = ConfigDict(extra="allow")
@@ -146,6 +161,9 @@ class ModelSpec(BaseModel):
 
     @model_validator(mode="after")
     def _check_overrides(self) -> ModelSpec:
+        if "learn_sigma" in self.overrides:
+            raise ValueError("learn_sigma is set by diffusion.learn_sigma (the model's output channels follow it); "
+                             "remove it from the model section")
         unknown = sorted(set(self.overrides) - _MODEL_FIELDS)
         if unknown:
             raise ValueError(
@@ -167,9 +185,22 @@ class ModelSpec(BaseModel):
         """The ModelConfig fields given explicitly."""
         return dict(self.model_extra or {})
 
-    def build(self, n_genes: int | None = None, image_channels: int | None = None) -> ModelConfig:
-        """The ModelConfig this spec describes, for a dataset with ``n_genes`` genes and ``image_channels``."""
-        values = self.overrides
+    def build(self, n_genes: int | None = None, image_channels: int | None = None,
+              learn_sigma: bool = True) -> ModelConfig:
+        """Build the ModelConfig this spec describes.
+
+        Parameters
+        ----------
+        n_genes, image_channels
+            Of the dataset (None: the spec's value or the preset's default).
+        learn_sigma
+            ``diffusion.learn_sigma``: the model predicts 2N channels when True, N otherwise.
+
+        Returns
+        -------
+        ModelConfig
+        """
+        values = {**self.overrides, "learn_sigma": learn_sigma}
         for key, actual in (("n_genes", n_genes), ("image_channels", image_channels)):
             if actual is None:
                 continue
@@ -192,6 +223,10 @@ class TrainConfig(BaseModel):
 
     Attributes
     ----------
+    objective
+        ``"diffusion"`` (the paper: denoise noisy HR maps) or ``"regression"`` (MSE in model space: the
+        model is called with x_t = 0 at t = 0 and predicts the diffusion target directly; a baseline).
+        Both share the data order, augmentation, EMA, checkpoints, resume and data parallelism.
     steps, epochs
         Length of training: exactly one of them (an epoch is one pass over the training tiles, sharded
         over the processes).
@@ -209,7 +244,7 @@ class TrainConfig(BaseModel):
     curriculum
         Curriculum patch selection: the entropy threshold gamma rises with training progress.
     curriculum_milestones, curriculum_quantiles
-        Schedule of gamma (see :func:`diffst.models.histology.curriculum_threshold`).
+        Schedule of gamma (see :func:`diffst.core.curriculum.curriculum_threshold`).
     mixed_precision
         ``"no"``, ``"fp16"`` or ``"bf16"`` (passed to Accelerate).
     log_every
@@ -230,6 +265,7 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    objective: Literal["diffusion", "regression"] = "diffusion"
     steps: int | None = Field(None, ge=1)
     epochs: int | None = Field(None, ge=1)
     lr: float = Field(1e-4, gt=0)
@@ -292,19 +328,9 @@ class RunConfig(BaseModel):
 
     _home = field_validator("run_dir")(_expand_home)
 
-    @model_validator(mode="after")
-    def _check_sigma(self) -> RunConfig:
-        given = self.model.overrides.get("learn_sigma")
-        if given is not None and bool(given) != self.diffusion.learn_sigma:
-            raise ValueError(
-                f"model.learn_sigma={given} disagrees with diffusion.learn_sigma={self.diffusion.learn_sigma}; "
-                "set only diffusion.learn_sigma"
-            )
-        return self
-
     def model_config_resolved(self) -> ModelConfig:
-        """The full ModelConfig of a resolved run configuration (see :func:`resolve_config`)."""
-        return self.model.build()
+        """Return the full ModelConfig of a resolved run configuration (see :func:`resolve_config`)."""
+        return self.model.build(learn_sigma=self.diffusion.learn_sigma)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON/YAML-serialisable dict (model overrides inlined into ``model``)."""
@@ -324,8 +350,82 @@ def _format_errors(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def preset_names() -> list[str]:
+    """List the packaged run presets.
+
+    Returns
+    -------
+    list of str
+        The names of ``src/diffst/presets/*.yaml``, sorted.
+    """
+    return sorted(p.name.removesuffix(".yaml") for p in resources.files("diffst").joinpath("presets").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def read_preset(name: str) -> dict[str, Any]:
+    """Read the raw dict of a packaged run preset.
+
+    Parameters
+    ----------
+    name
+        ``"cpu"``, ``"paper"``, ``"tiny"`` or another name of :func:`preset_names`.
+
+    Returns
+    -------
+    dict
+        The sections of ``src/diffst/presets/<name>.yaml``, not validated (a preset need not give
+        ``data.path`` or ``run_dir``).
+
+    Raises
+    ------
+    ConfigError
+        If there is no such preset (the message lists the ones there are).
+    """
+    if not isinstance(name, str) or name not in preset_names():
+        raise ConfigError(f"preset: unknown run preset {name!r}; choose one of {preset_names()}")
+    return yaml.safe_load(resources.files("diffst").joinpath("presets", f"{name}.yaml").read_text())
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``override`` on top of ``base``: mappings merge key by key, anything else replaces."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _expand_preset(data: dict[str, Any]) -> dict[str, Any]:
+    """Expand a top-level ``preset`` (if any): the preset, overridden by the rest of ``data``."""
+    if "preset" not in data:
+        return data
+    data = dict(data)
+    base = read_preset(data.pop("preset"))
+    train = data.get("train")
+    if isinstance(train, dict) and isinstance(base.get("train"), dict):
+        # steps and epochs are alternatives: the one the configuration gives replaces the preset's.
+        for given, other in (("steps", "epochs"), ("epochs", "steps")):
+            if given in train and other not in train:
+                base["train"].pop(other, None)
+    return _merge(base, data)
+
+
 def parse_config(data: dict[str, Any], source: str = "<dict>") -> RunConfig:
     """Validate a plain dict as a :class:`RunConfig`; errors name every bad key and value.
+
+    Parameters
+    ----------
+    data
+        The sections. A top-level ``preset: NAME`` starts from the packaged preset ``NAME``
+        (:func:`read_preset`) and overrides it with the rest of ``data``.
+    source
+        Where the dict comes from (named in error messages).
+
+    Returns
+    -------
+    RunConfig
 
     Raises
     ------
@@ -334,6 +434,7 @@ def parse_config(data: dict[str, Any], source: str = "<dict>") -> RunConfig:
     """
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the configuration must be a mapping of sections, got {type(data).__name__}")
+    data = _expand_preset(data)
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
@@ -364,9 +465,13 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     Parameters
     ----------
     path
-        The file.
+        The file; a top-level ``preset: NAME`` in it starts from a packaged preset (see :func:`parse_config`).
     overrides
         Optional ``"section.key=value"`` strings applied on top of the file (e.g. ``"train.steps=10"``).
+
+    Returns
+    -------
+    RunConfig
 
     Raises
     ------
@@ -392,31 +497,54 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
 
 
 def resolve_config(cfg: RunConfig, n_genes: int, image_channels: int) -> RunConfig:
-    """The fully explicit configuration of a run on a dataset with ``n_genes`` and ``image_channels``.
+    """Make the configuration of a run on a dataset with ``n_genes`` and ``image_channels`` fully explicit.
 
-    The model preset is expanded into every ``ModelConfig`` field (``preset: null``), ``learn_sigma``
-    follows ``diffusion.learn_sigma``, and ``data.path`` / ``run_dir`` become absolute. Resolving a
-    resolved configuration returns an equal one.
+    The model preset is expanded into every ``ModelConfig`` field but ``learn_sigma`` (``preset: null``;
+    ``learn_sigma`` stays in the diffusion section), and ``data.path`` / ``run_dir`` become absolute.
+    Resolving a resolved configuration returns an equal one.
+
+    Parameters
+    ----------
+    cfg
+        The configuration as loaded.
+    n_genes, image_channels
+        Of the prepared dataset.
+
+    Returns
+    -------
+    RunConfig
+        The resolved configuration (what a run saves as ``config.yaml``).
     """
-    spec = cfg.model
-    overrides = spec.overrides
-    overrides.setdefault("learn_sigma", cfg.diffusion.learn_sigma)
-    spec = ModelSpec(preset=spec.preset, **overrides)
-    model_cfg = spec.build(n_genes=n_genes, image_channels=image_channels)
+    model_cfg = cfg.model.build(n_genes=n_genes, image_channels=image_channels)
     data = cfg.to_dict()
-    data["model"] = {"preset": None, **json.loads(model_cfg.model_dump_json())}
+    data["model"] = {"preset": None, **json.loads(model_cfg.model_dump_json(exclude={"learn_sigma"}))}
     data["data"]["path"] = str(Path(cfg.data.path).expanduser().resolve())
     data["run_dir"] = str(Path(cfg.run_dir).expanduser().resolve())
     return parse_config(data, "<resolved config>")
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> Path:
-    """Write ``cfg`` as YAML (``.yaml``/``.yml``) or JSON (otherwise); returns the path."""
+    """Write ``cfg`` to ``path``, atomically (a temporary file beside it, renamed into place).
+
+    Parameters
+    ----------
+    cfg
+        The configuration.
+    path
+        The file: YAML for ``.yaml`` / ``.yml``, JSON otherwise.
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
     path = Path(path)
     data = cfg.to_dict()
     if path.suffix in (".yaml", ".yml"):
         text = yaml.safe_dump(data, sort_keys=False)
     else:
         text = json.dumps(data, indent=2)
-    path.write_text(text)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
     return path

@@ -1,5 +1,9 @@
-"""The main job on the built-in real example: prepare, train the cpu preset briefly, predict the held-out
-region, compare with bicubic interpolation and the noise ceiling, save AnnData, metrics and figures."""
+"""The main job on the built-in real example.
+
+:func:`run_demo` prepares,
+trains the ``cpu`` preset briefly, predicts the held-out region, compares with bicubic interpolation and
+the noise ceiling, and saves AnnData, metrics and figures.
+"""
 
 from __future__ import annotations
 
@@ -9,75 +13,86 @@ from pathlib import Path
 
 import numpy as np
 
-from diffst.atomic import atomic_output
 from diffst.config import parse_config
-from diffst.data.geometry import tile_preset
-from diffst.data.prepare import SplitSpec, prepare_dataset
-from diffst.diffusion.config import SamplerConfig
 from diffst.errors import InputError
-from diffst.evaluation.ceiling import split_half_ceiling
-from diffst.evaluation.report import evaluate_split
-from diffst.example import EXAMPLE_TEST_REGION, load_example
-from diffst.inference.predict import predict_checkpoint, to_anndata, write_h5ad
-from diffst.plotting.compare import plot_comparison
+from diffst.example import prepare_example_data
 
+__all__ = ["run_demo"]
 
-def cpu_run_config(prepared: Path, run_dir: Path, steps: int, seed: int = 0, device: str = "auto") -> dict:
-    """The cpu-preset run configuration used by the demo and the benchmarks (as a plain dict)."""
-    return {
-        "data": {"path": str(prepared), "augment": True, "batch_size": 4},
-        "model": {"preset": "cpu", "hr_size": 20, "attention_resolutions": [10]},
-        "diffusion": {"num_timesteps": 1000, "loss": "hybrid", "target": "residual", "parameterization": "v"},
-        "train": {"steps": steps, "lr": 2e-3, "weight_decay": 1e-5, "ema_decay": 0.995, "ema_warmup": True,
-                  "disentangle_weight": 0.01, "curriculum": True, "grad_clip": 1.0, "log_every": 10,
-                  "checkpoint_every": max(steps // 4, 1), "keep_last": 2},
-        "sampler": {"method": "dpmpp", "steps": 20},
-        "seed": seed,
-        "device": device,
-        "run_dir": str(run_dir),
-    }
+def run_demo(out: str | Path = "demo_output", scale: int = 10, steps: int = 2000, num_samples: int = 4,
+             seed: int = 0, device: str = "auto", progress: bool = True) -> dict:
+    """Run the whole job with the ``cpu`` run preset (its sampler: DPM-Solver++, 20 steps).
 
+    Parameters
+    ----------
+    out
+        Output folder. Writes ``prepared_s<scale>/`` (the prepared example), ``run_s<scale>/`` (the run; an
+        unfinished one is resumed), ``prediction_s<scale>.h5ad``, ``metrics_s<scale>.json`` and
+        ``comparison_s<scale>.png``.
+    scale
+        Super-resolution factor (5 or 10).
+    steps
+        Training steps.
+    num_samples
+        K samples per held-out tile (mean and standard deviation).
+    seed, device
+        Random seed and ``auto`` / ``cpu`` / ``cuda``.
+    progress
+        Show progress bars.
 
-def prepare_example(out: Path, scale: int, n_genes: int = 25, progress: bool = True, sample=None) -> Path:
-    """The built-in example (or its already-read ``sample``), cpu tiles at ``scale``, right-most 200 µm
-    held out as the test region."""
-    return prepare_dataset([sample or load_example()], out, tile_preset("cpu", scale), n_genes=n_genes,
-                           split=SplitSpec(test_region=EXAMPLE_TEST_REGION, train_stride_um=20),
-                           overwrite=True, progress=progress)
-
-
-def run_demo(out: str | Path = "demo_output", scale: int = 10, steps: int = 2000, sampler_steps: int = 20,
-             num_samples: int = 4, seed: int = 0, device: str = "auto", progress: bool = True) -> dict:
-    """Run the whole job; returns the metrics dict also written to ``out/metrics_s<scale>.json``."""
+    Returns
+    -------
+    dict
+        The metrics also written to ``metrics_s<scale>.json``.
+    """
+    from diffst.diffusion.config import SamplerConfig
+    from diffst.evaluation.report import evaluate_split
+    from diffst.example import load_example
+    from diffst.inference.predict import predict_checkpoint, to_anndata, write_h5ad
+    from diffst.runs import latest_checkpoint
     from diffst.training import train
-    from diffst.training.checkpoint import latest_checkpoint
 
     out = Path(out)
     # Everything the user chose is checked before minutes of training.
-    sampler = SamplerConfig(method="dpmpp", steps=sampler_steps, num_samples=num_samples)
     if steps < 1:
         raise InputError(f"steps={steps}: the demo trains for at least one step.")
+    cfg = parse_config({
+        "preset": "cpu", "seed": seed, "device": device, "run_dir": str(out / f"run_s{scale}"),
+        "data": {"path": str(out / f"prepared_s{scale}"), "example": {"scale": scale}},
+        "train": {"steps": steps, "checkpoint_every": max(steps // 4, 1), "keep_last": 2},
+    }, "demo")
+    SamplerConfig(**{**cfg.sampler.model_dump(), "num_samples": num_samples})
     out.mkdir(parents=True, exist_ok=True)
     timings = {}
     t0 = time.time()
     example = load_example()
-    prepared = prepare_example(out / f"prepared_s{scale}", scale, progress=progress, sample=example)
+    prepare_example_data(cfg, sample=example, progress=progress)
     timings["prepare_s"] = time.time() - t0
 
     t0 = time.time()
-    run_dir = out / f"run_s{scale}"
-    cfg = parse_config(cpu_run_config(prepared, run_dir, steps, seed, device), "demo")
-    train(cfg, resume=latest_checkpoint(run_dir) is not None)
+    train(cfg, resume=latest_checkpoint(cfg.run_dir) is not None)
     timings["train_s"] = time.time() - t0
 
     t0 = time.time()
-    dataset, preds, extras = predict_checkpoint(run_dir, prepared, split="test", sampler=sampler, seed=seed,
-                                                device=device, progress=progress)
+    dataset, preds, extras = predict_checkpoint(cfg.run_dir, cfg.data.path, split="test",
+                                                sampler={"num_samples": num_samples}, seed=seed, device=device,
+                                                progress=progress)
     timings["predict_s"] = time.time() - t0
     adata = to_anndata(dataset, preds, extra_uns={"checkpoint": extras["checkpoint"], "sampler": extras["sampler"]})
     write_h5ad(adata, out / f"prediction_s{scale}.h5ad")
-
     report = evaluate_split(dataset, {"diffst": preds.mean})
+    _report(out, scale, steps, seed, example, dataset, preds, extras, report, timings)
+    return report
+
+
+def _report(out: Path, scale: int, steps: int, seed: int, example, dataset, preds, extras, report: dict,
+            timings: dict) -> None:
+    """Add the noise ceiling, timings and setup to ``report``; write ``metrics_s<scale>.json`` and the figure."""
+    from diffst.atomic import atomic_output
+    from diffst.baselines import interpolate_lr
+    from diffst.evaluation.ceiling import split_half_ceiling
+    from diffst.plotting.compare import plot_comparison
+
     origins = list(zip(dataset.tiles["x0_um"], dataset.tiles["y0_um"], strict=True))
     geom = dataset.geometry
     ceiling = split_half_ceiling(example, dataset.genes, origins, geom.hr_bin_um, geom.tile_hr, seed=seed)
@@ -90,8 +105,6 @@ def run_demo(out: str | Path = "demo_output", scale: int = 10, steps: int = 2000
 
     tile = int(np.argmax(dataset.tiles["n_counts"].to_numpy()))
     truth = np.asarray(dataset.hr_counts[tile])
-    from diffst.baselines import interpolate_lr
-
     bicubic = interpolate_lr(np.asarray(dataset.lr_counts[tile]), (geom.tile_hr, geom.tile_hr), geom.scale)
     show = [dataset.genes.index(g) for g in ("ERBB2", "KRT7", "POSTN", "LUM") if g in dataset.genes][:3] or [0, 1, 2]
     plot_comparison(dataset.tissue[tile], dataset.lr_counts[tile],
@@ -100,4 +113,3 @@ def run_demo(out: str | Path = "demo_output", scale: int = 10, steps: int = 2000
                     dataset.genes, show, out / f"comparison_s{scale}.png",
                     title=f"Held-out tile, {geom.lr_bin_um:g} µm -> {geom.hr_bin_um:g} µm (s = {scale}); "
                           f"PCC Diff-ST {report['diffst']['pcc']:.3f}, bicubic {report['bicubic']['pcc']:.3f}")
-    return report

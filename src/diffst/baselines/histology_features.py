@@ -35,7 +35,7 @@ def bin_image_stats(tissue: np.ndarray, hr_shape: tuple[int, int]) -> np.ndarray
 
 
 def neighbourhood_features(stats: np.ndarray, sizes: tuple[int, ...] = (3, 7)) -> np.ndarray:
-    """The bin statistics plus their means over square neighbourhoods of each size (in bins).
+    """Append to the bin statistics their means over square neighbourhoods of each size (in bins).
 
     ``stats`` is (..., F, H, W); returns (..., F * (1 + len(sizes)), H, W).
     """

@@ -1,6 +1,8 @@
-"""Histology ridge: a per-gene ridge regression on log counts from the interpolated LR map and per-bin
-image statistics. Cheap, fitted in closed form on the training tiles, and a strong floor for any deep
-model: a method that cannot beat it has not learned more from the image than bin averages carry."""
+"""Histology ridge: a per-gene ridge regression on log counts from interpolated LR and image statistics.
+
+The features are the interpolated LR map and per-bin image statistics. Cheap, fitted in closed form on the training tiles, and a strong floor for any deep
+model: a method that cannot beat it has not learned more from the image than bin averages carry.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
-"""TESLA-style super-resolution (Hu et al., Cell Systems 2023, in spirit): training-free, each HR bin takes
-a weighted average of the interpolated expression around it, weighted by spatial closeness and by how
-similar the histology of the two bins looks, so expression follows tissue boundaries the LR grid blurs."""
+"""TESLA-style super-resolution (Hu et al., Cell Systems 2023, in spirit), training-free.
+
+Each HR bin takes a weighted average of the interpolated expression around it, weighted by spatial closeness and by how
+similar the histology of the two bins looks, so expression follows tissue boundaries the LR grid blurs.
+"""
 
 from __future__ import annotations
 

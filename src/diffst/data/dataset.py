@@ -9,7 +9,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from diffst.data.geometry import TileGeometry
+from diffst.core.geometry import TileGeometry
 from diffst.data.normalise import LogScaleNormaliser
 from diffst.data.prepare import load_meta
 from diffst.errors import InputError
@@ -112,6 +112,7 @@ class PreparedTiles(Dataset):
 
     @property
     def image_channels(self) -> int:
+        """Channels of the histology image (3 RGB, 1 DAPI, ...)."""
         return int(self.tissue.shape[1])
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:

@@ -44,7 +44,7 @@ class LogScaleNormaliser(BaseModel):
         return s
 
     def to_model(self, counts_per_hr_bin):
-        """Counts per HR bin, (..., N, H, W) -> model space."""
+        """Map counts per HR bin, (..., N, H, W), to model space."""
         log = torch.log1p(counts_per_hr_bin) if isinstance(counts_per_hr_bin, torch.Tensor) else np.log1p(counts_per_hr_bin)
         return 2.0 * log / self._scale(counts_per_hr_bin) - 1.0
 

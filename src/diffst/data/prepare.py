@@ -34,9 +34,9 @@ from tqdm.auto import tqdm
 
 import diffst
 from diffst.atomic import atomic_output, check_replaceable
-from diffst.data.geometry import TileGeometry
+from diffst.core.geometry import TileGeometry
+from diffst.core.sample import Sample
 from diffst.data.normalise import LogScaleNormaliser
-from diffst.data.sample import Sample
 from diffst.data.tiling import TileArrays, intersects, make_tile, plan_origins
 from diffst.errors import GeometryError, InputError
 
@@ -73,8 +73,11 @@ class SplitSpec(BaseModel):
 
 def select_genes(samples: Sequence[Sample], n_genes: int | None, genes: Sequence[str] | None,
                  exclude: dict[str, list[Rect]] | None = None) -> list[str]:
-    """The given gene list (checked against every sample), or the top-N genes by total counts in
-    the training data (outside held-out samples and regions), among genes present in every sample."""
+    """Choose the genes: the given list, or the top-N genes by total counts in the training data.
+
+    A given list is checked against every sample; the top N are counted outside held-out samples and
+    regions, among genes present in every sample.
+    """
     if genes:
         repeated = sorted({g for g in genes if list(genes).count(g) > 1})
         if repeated:
@@ -150,8 +153,10 @@ def plan_tiles(samples: Sequence[Sample], geom: TileGeometry, split: SplitSpec) 
 
 def _held_out_origins(sample: Sample, rect: Rect, region: Rect, geom: TileGeometry, stride: float,
                       which: str) -> list[tuple[float, float]]:
-    """Tile origins inside a held-out rectangle, cut to the sample's data; a rectangle that misses the
-    data or is too small for one tile is an error in the user's terms."""
+    """Tile origins inside a held-out rectangle, cut to the sample's data.
+
+    A rectangle that misses the data or is too small for one tile is an error in the user's terms.
+    """
     sub = (max(rect[0], region[0]), max(rect[1], region[1]), min(rect[2], region[2]), min(rect[3], region[3]))
     flag = f"--{which}-region {','.join(f'{v:g}' for v in rect)}"
     extent = ",".join(f"{v:.0f}" for v in region)
@@ -166,8 +171,11 @@ def _held_out_origins(sample: Sample, rect: Rect, region: Rect, geom: TileGeomet
 
 
 def _normaliser_split(tiles: dict[str, list[TileArrays]], split: SplitSpec, samples: Sequence[Sample]) -> str:
-    """The split the normalisation is fitted on: always train, except for a prediction-only dataset
-    (every sample held out whole), whose own normaliser only serves display; predictions use the model's."""
+    """Name the split the normalisation is fitted on.
+
+    Always train, except for a prediction-only dataset (every sample held out whole), whose own
+    normaliser only serves display; predictions use the model's.
+    """
     if tiles["train"]:
         return "train"
     held_samples = set(split.test_samples) | set(split.val_samples)
@@ -282,7 +290,7 @@ def prepare_dataset(
 
 
 def _write_dataset(folder: Path, tiles: dict[str, list[TileArrays]], table: pd.DataFrame, has_hr: bool) -> None:
-    """The per-split arrays and tiles.csv of a prepared dataset."""
+    """Write the per-split arrays and tiles.csv of a prepared dataset."""
     for which in SPLITS:
         group = tiles[which]
         if not group:
@@ -300,8 +308,10 @@ def _write_dataset(folder: Path, tiles: dict[str, list[TileArrays]], table: pd.D
 
 
 def is_prepared_dataset(path: Path) -> bool:
-    """True when ``path`` is a folder that Diff-ST prepared and that holds nothing else (so replacing it
-    loses nothing of the user's)."""
+    """Tell whether ``path`` is a folder that Diff-ST prepared and that holds nothing else.
+
+    Replacing such a folder loses nothing of the user's.
+    """
     meta_file = path / "dataset.json"
     if not path.is_dir() or not meta_file.is_file():
         return False

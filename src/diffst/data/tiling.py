@@ -1,17 +1,20 @@
-"""From a Sample to registered tiles: HR maps by binning, LR maps by block sums or rasterised spots,
-and the tile's histology as a tissue-level image plus cell-level patches with their entropy."""
+"""From a Sample to registered tiles.
+
+HR maps by binning, LR maps by block sums or rasterised spots, and the tile's histology as a
+tissue-level image plus cell-level patches with their entropy.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
-from skimage.measure import shannon_entropy
 
-from diffst.data.geometry import TileGeometry
-from diffst.data.sample import Sample
+from diffst.core.curriculum import patch_entropy
+from diffst.core.geometry import TileGeometry
+from diffst.core.image import resample_area
+from diffst.core.sample import Sample
 from diffst.errors import GeometryError, InputError
-from diffst.io.image import resample_area
 
 
 def bin_points(
@@ -93,7 +96,8 @@ def tile_histology(sample: Sample, geom: TileGeometry) -> tuple[np.ndarray, np.n
 
     The tile is resampled to ``geom.image_pixel_um``; the tissue-level image is that, shrunk to
     ``tissue_px``; the cell patches cut it into ``cell_grid`` x ``cell_grid`` squares, each shrunk to
-    ``cell_px``. Entropy (bits) is measured on each patch at full working resolution in 8-bit grey.
+    ``cell_px``. Entropy (bits, :func:`~diffst.core.curriculum.patch_entropy`) is measured on each patch
+    at full working resolution.
     """
     if sample.image is None:
         raise InputError(f"Sample {sample.name} has no image; Diff-ST needs the registered histology image.")
@@ -102,7 +106,6 @@ def tile_histology(sample: Sample, geom: TileGeometry) -> tuple[np.ndarray, np.n
     channels = full.shape[0]
     hwc = np.moveaxis(full, 0, -1)
     tissue = resample_area(hwc, geom.tissue_px, geom.tissue_px)
-    grey = (hwc.mean(axis=-1) * 255).astype(np.uint8)
     side = full.shape[1] // geom.cell_grid
     cells = np.empty((geom.n_cell_patches, channels, geom.cell_px, geom.cell_px), dtype=np.uint8)
     entropy = np.empty(geom.n_cell_patches, dtype=np.float32)
@@ -111,7 +114,7 @@ def tile_histology(sample: Sample, geom: TileGeometry) -> tuple[np.ndarray, np.n
         patch = hwc[r * side : (r + 1) * side, c * side : (c + 1) * side]
         small = resample_area(patch, geom.cell_px, geom.cell_px)
         cells[k] = np.moveaxis(_to_uint8(small), -1, 0)
-        entropy[k] = shannon_entropy(grey[r * side : (r + 1) * side, c * side : (c + 1) * side])
+        entropy[k] = patch_entropy(patch)
     return np.moveaxis(_to_uint8(tissue), -1, 0), cells, entropy, full
 
 
@@ -153,8 +156,10 @@ def make_tile(sample: Sample, gene_idx: np.ndarray, geom: TileGeometry) -> TileA
 def plan_origins(
     region_um: tuple[float, float, float, float], geom: TileGeometry, stride_um: float
 ) -> list[tuple[float, float]]:
-    """Top-left corners of tiles that fit inside ``region_um`` (x0, y0, x1, y1) at ``stride_um``,
-    plus a last row / column as close to the far edges as the HR grid allows (within one HR bin)."""
+    """Top-left corners of tiles that fit inside ``region_um`` (x0, y0, x1, y1) at ``stride_um``.
+
+    A last row / column is added as close to the far edges as the HR grid allows (within one HR bin).
+    """
     x0, y0, x1, y1 = region_um
     size = geom.tile_um
     if x1 - x0 < size - 1e-6 or y1 - y0 < size - 1e-6:

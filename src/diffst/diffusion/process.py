@@ -1,5 +1,7 @@
-"""The Gaussian diffusion process: noise schedule, forward noising, learned-variance reverse step and the
-training objective (epsilon loss + variational bound for the variance, Improved DDPM).
+"""The Gaussian diffusion process: schedule, forward noising, reverse step and training objective.
+
+It holds the noise schedule, the learned-variance reverse step and the training objective (epsilon loss +
+variational bound for the variance, Improved DDPM).
 
 The model knows nothing about diffusion: :meth:`GaussianDiffusion.training_losses` calls
 ``model(x_t, t, **model_kwargs)`` and reads its :class:`~diffst.models.base.DenoiserOutput`.
@@ -165,11 +167,11 @@ class GaussianDiffusion:
         return out.reshape(out.shape + (1,) * (x.ndim - out.ndim))
 
     def original_timesteps(self, t: Tensor) -> Tensor:
-        """The original (training) timesteps of this process's steps ``t``."""
+        """Map this process's steps ``t`` to the original (training) timesteps."""
         return self.timestep_map.to(t.device)[t.long()]
 
     def respace(self, timesteps: Sequence[int]) -> GaussianDiffusion:
-        """A process that visits only the given original timesteps.
+        """Build a process that visits only the given original timesteps.
 
         Its betas are ``1 - abar[s_i] / abar[s_{i-1}]`` (with ``abar[s_{-1}] = 1``), so its cumulative
         alphas equal the original ones at the kept timesteps, and beta-tilde follows from these betas.
@@ -189,7 +191,7 @@ class GaussianDiffusion:
         )
 
     def respaced(self, steps: int | None) -> GaussianDiffusion:
-        """This process with ``steps`` evenly spaced timesteps (``self`` when ``steps`` is None or >= T)."""
+        """Respace the process to ``steps`` evenly spaced timesteps (``self`` when ``steps`` is None or >= T)."""
         if steps is None or steps >= self.num_timesteps:
             return self
         return self.respace(spaced_timesteps(self.num_timesteps, steps))
@@ -260,7 +262,7 @@ class GaussianDiffusion:
     def p_mean_variance(
         self, prediction: Tensor, x_t: Tensor, t: Tensor, *, clip: bool = False
     ) -> MeanVariance:
-        """The reverse step p(x_{t-1} | x_t) from a model prediction.
+        """Compute the reverse step p(x_{t-1} | x_t) from a model prediction.
 
         With ``learn_sigma`` the log-variance is ``frac * log(beta_t) + (1 - frac) * log(beta-tilde_t)``
         with ``frac = (v + 1) / 2`` (Improved DDPM's learned range), using this process's betas: for a

@@ -34,7 +34,7 @@ Callback = Callable[[dict[str, Any]], None]
 
 
 def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Standard normal noise shaped like x, drawn on the generator's device (reproducible), moved to x's."""
+    """Draw standard normal noise shaped like x, drawn on the generator's device (reproducible), moved to x's."""
     device = generator.device if generator is not None else x.device
     return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
 
@@ -98,8 +98,11 @@ def sample_ddpm(
 
 
 def _eps_and_x0(proc: GaussianDiffusion, prediction: Tensor, x: Tensor, t: Tensor, clip: bool) -> tuple[Tensor, Tensor]:
-    """Epsilon and x0 from a prediction; with ``clip``, x0 is clipped to [-1, 1] and epsilon recomputed
-    from it, so deterministic updates stay consistent with the clipped x0."""
+    """Return epsilon and x0 from a prediction.
+
+    With ``clip``, x0 is clipped to [-1, 1] and epsilon recomputed from it, so deterministic updates stay
+    consistent with the clipped x0.
+    """
     eps, _ = proc.split_prediction(prediction, x, t)
     x0 = proc.predict_x0(x, t, eps)
     if clip:
@@ -203,7 +206,11 @@ def sample(
     steps: int | None = None,
     **kw: Any,
 ) -> Tensor:
-    """Run the sampler named ``method`` (``"ddpm"``, ``"ddim"`` or ``"dpmpp"``); ``kw`` go to it."""
+    """Run the sampler named ``method`` (``"ddpm"``, ``"ddim"`` or ``"dpmpp"``); ``kw`` go to it.
+
+    Only :func:`sample_ddim` takes ``eta``; :class:`~diffst.diffusion.config.SamplerConfig` is where a
+    setting of eta for another method is refused (see :func:`sample_with_config`).
+    """
     try:
         fn = SAMPLERS[method]
     except KeyError:
@@ -211,10 +218,6 @@ def sample(
     if steps is not None and not 1 <= steps <= diffusion.num_timesteps:
         raise InputError(f"steps={steps}: the sampler takes between 1 and the process's {diffusion.num_timesteps} "
                          "steps (None or 0 on the command line = all of them)")
-    if method != "ddim" and kw.get("eta", 0.0) not in (0, 0.0):
-        raise InputError(f"eta={kw['eta']} is only used by the 'ddim' sampler, not {method!r}")
-    if method != "ddim":
-        kw.pop("eta", None)
     return fn(model_fn, noise, diffusion, steps, **kw)
 
 

@@ -34,7 +34,7 @@ def encode_target(hr: Tensor, lr: Tensor, kind: TargetKind) -> Tensor:
 
 
 def decode_target(x0: Tensor, lr: Tensor, kind: TargetKind) -> Tensor:
-    """The diffusion's x0 -> model-space HR maps."""
+    """Turn the diffusion's x0 back into model-space HR maps."""
     if kind == "hr":
         return x0
     return 2.0 * x0 + lr_on_hr_grid(lr.to(x0.dtype), x0.shape[-2:])

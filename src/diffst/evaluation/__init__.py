@@ -1,0 +1,1 @@
+"""Metrics, the noise ceiling and split reports."""

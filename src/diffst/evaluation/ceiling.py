@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from diffst.data.sample import Sample
+from diffst.core.sample import Sample
 from diffst.data.tiling import bin_points
 from diffst.evaluation.metrics import pearson_per_map
 
@@ -39,8 +39,10 @@ def split_half_ceiling(sample: Sample, genes: list[str], tile_origins: list[tupl
 
 
 def summarise_ceiling(per_gene: np.ndarray, genes: list[str]) -> dict:
-    """Mean ceiling over the genes that have counts in the tiles, and which genes were skipped (a gene
-    without any count in the evaluated tiles has no defined correlation)."""
+    """Average the ceiling over the genes that have counts in the tiles and list the skipped genes.
+
+    A gene without any count in the evaluated tiles has no defined correlation.
+    """
     per_gene = np.asarray(per_gene, dtype=np.float64)
     skipped = [g for g, v in zip(genes, per_gene, strict=True) if not np.isfinite(v)]
     finite = per_gene[np.isfinite(per_gene)]

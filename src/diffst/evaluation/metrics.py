@@ -1,5 +1,7 @@
-"""Metrics: honest ones (signed Pearson r, errors in counts and in model space) and the paper's
-protocol (per-tile, per-gene min-max scaling to [0, 1], RMSE there and |r|), side by side."""
+"""Metrics: honest ones and the paper's protocol, side by side.
+
+Honest: signed Pearson r, errors in counts and in model space. The paper's protocol (per-tile, per-gene min-max scaling to [0, 1], RMSE there and |r|), side by side.
+"""
 
 from __future__ import annotations
 
@@ -80,8 +82,11 @@ def ssim_per_map(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
 
 
 def bootstrap_interval(values: np.ndarray, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of ``values`` (resampling its first axis, e.g. tiles;
-    NaNs are ignored). Returns ``(low, high)``; NaN when fewer than two finite values exist."""
+    """Percentile bootstrap interval of the mean of ``values``.
+
+    Resamples the first axis (e.g. tiles), ignoring NaNs. Returns ``(low, high)``; NaN when fewer than two
+    finite values exist.
+    """
     v = np.asarray(values, dtype=np.float64)
     v = v.reshape(len(v), -1)
     finite_rows = np.isfinite(v).any(axis=1)

@@ -1,5 +1,7 @@
-"""Evaluation of a predicted split against its HR ground truth, always beside the interpolation
-baseline and (for point data) the noise ceiling, on the same tiles."""
+"""Evaluation of a predicted split against its HR ground truth.
+
+Always beside the interpolation baseline and (for point data) the noise ceiling, on the same tiles.
+"""
 
 from __future__ import annotations
 

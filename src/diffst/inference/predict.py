@@ -1,11 +1,15 @@
-"""Prediction: sample HR maps for prepared tiles, bring them back to counts, stitch tiles into one
-grid per sample and write AnnData (one row per HR bin)."""
+"""Prediction: sample HR maps for prepared tiles and write them as AnnData.
+
+Samples are brought back to counts, tiles stitched into one grid per sample, one row per HR bin. Runs are read through the run layer (:func:`diffst.runs.load_run`); nothing here imports training.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -15,9 +19,11 @@ from tqdm.auto import tqdm
 from diffst.data.dataset import PreparedTiles
 from diffst.diffusion.config import SamplerConfig
 from diffst.diffusion.process import GaussianDiffusion
-from diffst.diffusion.samplers import sample_k
+from diffst.diffusion.samplers import sample_with_config
 from diffst.diffusion.target import decode_target
 from diffst.errors import InputError
+from diffst.models.base import Conditions, regress
+from diffst.runs import Run, load_run
 
 
 @dataclass
@@ -33,25 +39,12 @@ class TilePredictions:
     samples_model: np.ndarray
 
 
-def conditions(batch: dict[str, torch.Tensor], device: torch.device, entropy_threshold: float | None) -> dict:
-    """The model's keyword conditions from a dataset batch."""
-    return {
-        "lr": batch["lr"].to(device),
-        "tissue": batch["tissue"].to(device),
-        "cells": batch["cells"].to(device),
-        "cell_entropy": batch["cell_entropy"].to(device),
-        "entropy_threshold": entropy_threshold,
-    }
-
-
 @torch.no_grad()
 def predict_tiles(
-    model: torch.nn.Module,
-    diffusion: GaussianDiffusion,
+    run: Run,
     dataset: PreparedTiles,
     sampler: SamplerConfig,
     *,
-    entropy_threshold: float | None = None,
     batch_size: int = 4,
     seed: int = 0,
     device: str | torch.device = "cpu",
@@ -60,40 +53,54 @@ def predict_tiles(
     """Draw ``sampler.num_samples`` HR samples for every tile of ``dataset``.
 
     Tiles are processed in batches; the noise of batch b comes from a generator seeded with
-    (seed, b), so results do not depend on what else runs and are reproducible from the seed.
+    (seed, b), so results do not depend on what else runs and are reproducible from the seed. A run
+    trained with the regression objective gives one deterministic prediction per tile (K = 1).
+
+    Parameters
+    ----------
+    run
+        The trained run (:func:`diffst.runs.load_run`): model, diffusion settings, entropy threshold.
+    dataset
+        The tiles, read through the run's normaliser.
+    sampler
+        Method, steps, K, eta and clipping (see :func:`diffst.diffusion.samplers.sample_with_config`).
+    batch_size, seed, device, progress
+        Tiles per batch, noise seed, where to run, progress bar.
+
+    Returns
+    -------
+    TilePredictions
     """
     if batch_size < 1:
         raise InputError(f"batch_size={batch_size}: give at least one tile per batch (--batch-size 1 or more).")
     device = torch.device(device)
-    model.eval()
-    n = len(dataset)
-    geom = dataset.geometry
+    model, cfg = run.model.to(device).eval(), run.config
+    regression = cfg.train.objective == "regression"
+    diffusion = GaussianDiffusion(cfg.diffusion)
+    n, geom = len(dataset), dataset.geometry
     shape_hr = (len(dataset.genes), geom.tile_hr, geom.tile_hr)
-    k = max(1, sampler.num_samples)
+    k = 1 if regression else sampler.num_samples
     samples = np.empty((k, n, *shape_hr), dtype=np.float32)
-    batches = range(0, n, batch_size)
-    for b, start in enumerate(tqdm(batches, desc=f"Sampling ({sampler.method}, {sampler.steps or 'all'} steps, K={k})",
-                                   unit="batch", disable=not progress)):
+    desc = "Predicting (regression)" if regression else f"Sampling ({sampler.method}, {sampler.steps or 'all'} steps, K={k})"
+    for b, start in enumerate(tqdm(range(0, n, batch_size), desc=desc, unit="batch", disable=not progress)):
         idx = list(range(start, min(start + batch_size, n)))
         batch = torch.utils.data.default_collate([dataset[i] for i in idx])
-        cond = conditions(batch, device, entropy_threshold)
+        cond = Conditions.from_batch(batch, run.entropy_threshold).to(device)
+        if regression:
+            drawn = regress(model, cond, (len(idx), *shape_hr)).prediction[None]
+        else:
+            def model_fn(x, t, cond=cond):
+                return model(x, t, **cond).prediction
 
-        def model_fn(x, t, cond=cond):
-            return model(x, t, **cond).prediction
-
-        generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + b)
-        _, _, drawn = sample_k(model_fn, (len(idx), *shape_hr), diffusion, method=sampler.method, steps=sampler.steps,
-                               k=k, generator=generator, device=device, clip=sampler.clip, **_eta(sampler))
-        hr = torch.stack([decode_target(d, cond["lr"], diffusion.cfg.target) for d in drawn])
+            generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + b)
+            _, _, drawn = sample_with_config(model_fn, (len(idx), *shape_hr), diffusion, sampler, generator,
+                                             device=device)
+        hr = torch.stack([decode_target(d, cond.lr, cfg.diffusion.target) for d in drawn])
         samples[:, start : start + len(idx)] = hr.float().cpu().numpy()
     counts = dataset.normaliser.to_counts(samples)
     mean = counts.mean(axis=0)
     std = counts.std(axis=0, ddof=1) if k > 1 else np.zeros_like(mean)
     return TilePredictions(mean=mean, std=std, samples_model=samples)
-
-
-def _eta(sampler: SamplerConfig) -> dict:
-    return {"eta": sampler.eta} if sampler.method == "ddim" else {}
 
 
 def stitch(tiles: pd.DataFrame, maps: dict[str, np.ndarray], hr_bin_um: float) -> pd.DataFrame:
@@ -182,7 +189,7 @@ def to_anndata(dataset: PreparedTiles, preds: TilePredictions, *, extra_uns: dic
 
 
 def is_diffst_prediction(path: Path) -> bool:
-    """True when ``path`` is an .h5ad that Diff-ST wrote (it carries ``uns['diffst']``)."""
+    """Tell whether ``path`` is an .h5ad that Diff-ST wrote (it carries ``uns['diffst']``)."""
     import h5py
 
     try:
@@ -245,46 +252,89 @@ def check_sample_memory(n_tiles: int, n_genes: int, tile_hr: int, k: int) -> Non
         )
 
 
+def run_sampler(run: Run, given: SamplerConfig | Mapping[str, Any] | None = None) -> SamplerConfig:
+    """Choose the sampler settings: the run's own ``sampler:`` section, overridden by ``given``.
+
+    Parameters
+    ----------
+    run
+        The trained run.
+    given
+        A complete :class:`SamplerConfig` (used as it is), a mapping of the settings to change (e.g.
+        ``{"steps": 50}``; changing the method away from DDIM drops the run's DDIM eta) or None.
+
+    Returns
+    -------
+    SamplerConfig
+        The validated settings (a DDIM eta given for another method is refused here).
+
+    Raises
+    ------
+    InputError
+        If the steps exceed the model's diffusion steps.
+    """
+    if isinstance(given, SamplerConfig):
+        sampler = given
+    else:
+        values = {**run.config.sampler.model_dump(), **(given or {})}
+        if values["method"] != "ddim" and "eta" not in (given or {}):
+            values["eta"] = 0.0
+        sampler = SamplerConfig(**values)
+    steps = run.config.diffusion.num_timesteps
+    if sampler.steps is not None and sampler.steps > steps:
+        raise InputError(f"--steps {sampler.steps} exceeds the model's {steps} diffusion steps; use 1 to {steps} "
+                         "(0 = all).")
+    return sampler
+
+
 def predict_checkpoint(
     checkpoint: str | Path,
     data: str | Path,
     *,
     split: str = "test",
-    sampler: SamplerConfig | None = None,
+    sampler: SamplerConfig | Mapping[str, Any] | None = None,
     batch_size: int = 4,
     seed: int = 0,
     device: str = "auto",
     progress: bool = True,
 ):
-    """Load a trained model and predict every tile of a prepared split.
+    """Load a trained run and predict every tile of a prepared split.
 
-    Returns ``(dataset, predictions, extras)``; the dataset reads the tiles through the model's own
-    normaliser and gene list, so outputs are in counts whatever dataset the model was trained on.
+    Parameters
+    ----------
+    checkpoint
+        A checkpoint folder or a run folder (its latest checkpoint).
+    data, split
+        The prepared dataset and its split.
+    sampler
+        Sampler settings: None uses the run's own ``sampler:`` section, a mapping overrides some of its
+        keys, a :class:`SamplerConfig` replaces it (see :func:`run_sampler`).
+    batch_size, seed, device, progress
+        See :func:`predict_tiles`; ``device`` may be ``auto``.
+
+    Returns
+    -------
+    tuple
+        ``(dataset, predictions, extras)``; the dataset reads the tiles through the model's own normaliser
+        and gene list, so outputs are in counts whatever dataset the model was trained on. ``extras``:
+        ``checkpoint`` (path), ``step``, ``weights``, ``sampler`` (the settings used) and ``seed``.
     """
-    from diffst.data.normalise import LogScaleNormaliser
-    from diffst.training.checkpoint import load_checkpoint
-
     dev = resolve_device(device)
-    model, cfg, extras = load_checkpoint(checkpoint, device=dev)
-    trained = extras.get("dataset")
-    normaliser = LogScaleNormaliser(**trained["normaliser"]) if trained else None
-    dataset = PreparedTiles(data, split, normaliser=normaliser)
-    if trained and trained["geometry"]["scale"] != dataset.geometry.scale:
+    run = load_run(checkpoint, device=dev)
+    trained = run.dataset
+    dataset = PreparedTiles(data, split, normaliser=trained.normaliser if trained else None)
+    if trained and trained.geometry.scale != dataset.geometry.scale:
         raise InputError(
-            f"The model was trained at scale {trained['geometry']['scale']} but {data} is prepared at scale "
-            f"{dataset.geometry.scale}; prepare the data with --scale {trained['geometry']['scale']}."
+            f"The model was trained at scale {trained.geometry.scale} but {data} is prepared at scale "
+            f"{dataset.geometry.scale}; prepare the data with --scale {trained.geometry.scale}."
         )
-    sampler = sampler or cfg.sampler
-    if sampler.steps is not None and sampler.steps > cfg.diffusion.num_timesteps:
-        raise InputError(f"--steps {sampler.steps} exceeds the model's {cfg.diffusion.num_timesteps} diffusion steps; "
-                         f"use 1 to {cfg.diffusion.num_timesteps} (0 = all).")
-    if not all(torch.isfinite(p).all() for p in model.parameters()):
-        raise InputError(f"The checkpoint {extras['path']} holds NaN or infinite weights; its training diverged or the "
+    sampler = run_sampler(run, sampler)
+    if not all(torch.isfinite(p).all() for p in run.model.parameters()):
+        raise InputError(f"The checkpoint {run.path} holds NaN or infinite weights; its training diverged or the "
                          "file is corrupt. Use an earlier checkpoint or train again.")
     check_sample_memory(len(dataset), len(dataset.genes), dataset.geometry.tile_hr, sampler.num_samples)
-    diffusion = GaussianDiffusion(cfg.diffusion)
-    preds = predict_tiles(model, diffusion, dataset, sampler, entropy_threshold=extras["entropy_threshold"],
-                          batch_size=batch_size, seed=seed, device=dev, progress=progress)
-    check_finite(preds, extras["path"])
-    extras = {**extras, "sampler": sampler.model_dump(), "seed": seed, "checkpoint": str(extras["path"])}
+    preds = predict_tiles(run, dataset, sampler, batch_size=batch_size, seed=seed, device=dev, progress=progress)
+    check_finite(preds, run.path)
+    extras = {"checkpoint": str(run.path), "step": run.step, "weights": run.weights, "sampler": sampler.model_dump(),
+              "seed": seed}
     return dataset, preds, extras

@@ -1,4 +1,6 @@
-"""Readers for spatial transcriptomics platforms; each returns a :class:`diffst.data.sample.Sample`.
+"""Readers for spatial transcriptomics platforms.
+
+Each returns a :class:`diffst.core.sample.Sample` (its image a :class:`diffst.core.image.SlideImage`).
 
 ``read_sample(path)`` detects the platform from a folder's contents:
 
@@ -15,13 +17,11 @@ from pathlib import Path
 
 from diffst.errors import InputError
 from diffst.io.anndata_reader import read_anndata
-from diffst.io.image import SlideImage
 from diffst.io.legacy_st import find_legacy_st, read_legacy_st
-from diffst.io.visium import read_visium, write_visium
+from diffst.io.visium import read_visium
 from diffst.io.xenium import read_xenium
 
 __all__ = [
-    "SlideImage",
     "detect_platform",
     "find_legacy_st",
     "read_anndata",
@@ -29,7 +29,6 @@ __all__ = [
     "read_sample",
     "read_visium",
     "read_xenium",
-    "write_visium",
 ]
 
 

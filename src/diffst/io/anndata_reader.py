@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from diffst.data.sample import Sample, SpotTable
+from diffst.core.image import SlideImage, positive_number
+from diffst.core.sample import Sample, SpotTable
 from diffst.errors import GeometryError, InputError
-from diffst.io.image import SlideImage, positive_number
 
 
 def check_raw_counts(matrix, what: str = "X") -> None:

@@ -17,9 +17,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from diffst.data.sample import Sample, SpotTable
+from diffst.core.image import SlideImage
+from diffst.core.sample import Sample, SpotTable
 from diffst.errors import GeometryError, InputError
-from diffst.io.image import SlideImage
 from diffst.io.visium import make_unique
 
 LEGACY_PITCH_UM = 200.0

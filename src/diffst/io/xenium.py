@@ -9,13 +9,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from diffst.data.sample import Sample
+from diffst.core.image import XENIUM_PIXEL_SIZE_UM, SlideImage, origin_xy, positive_number, tiff_pixel_size_um
+from diffst.core.sample import Sample
 from diffst.errors import GeometryError, InputError
-from diffst.io.image import SlideImage, origin_xy, positive_number, tiff_pixel_size_um
 
 log = logging.getLogger("diffst.io")
 
-XENIUM_PIXEL_SIZE_UM = 0.2125
 CONTROL_PREFIXES = (
     "NegControlProbe_",
     "NegControlCodeword_",
@@ -103,7 +102,7 @@ def read_transcripts(path: str | Path, min_qv: float = 20.0, drop_controls: bool
 
 
 def _numeric(table: pd.DataFrame, column: str, path: Path) -> np.ndarray:
-    """A column as float; raises naming the column, an example and the count of non-numeric entries."""
+    """Read a column as float; raises naming the column, an example and the count of non-numeric entries."""
     values = pd.to_numeric(table[column], errors="coerce")
     bad = values.isna() & table[column].notna()
     if bad.any():

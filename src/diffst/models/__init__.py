@@ -1,13 +1,19 @@
-"""Denoisers: Diff-ST and the Guided-DM baseline, their configuration and components."""
+"""Denoisers: Diff-ST and the Guided-DM baseline, their configuration and components.
 
-from diffst.models.base import DenoiserOutput
-from diffst.models.config import ModelConfig, build_model, model_preset
+Importing this package registers both models (:mod:`diffst.models.registry`), so
+``build_model(ModelConfig(arch=...))`` finds them.
+"""
+
+from diffst.models.base import Conditions, Denoiser, DenoiserOutput
+from diffst.models.config import ModelConfig, model_preset
 from diffst.models.diffst import DiffST
 from diffst.models.graph import coexpression_matrix
 from diffst.models.guided_dm import GuidedDMBaseline
-from diffst.models.histology import curriculum_threshold, kept_patch_mask
+from diffst.models.registry import MODELS, build_model, register_model
 
 __all__ = [
+    "Conditions",
+    "Denoiser",
     "DenoiserOutput",
     "ModelConfig",
     "build_model",
@@ -15,6 +21,6 @@ __all__ = [
     "DiffST",
     "GuidedDMBaseline",
     "coexpression_matrix",
-    "curriculum_threshold",
-    "kept_patch_mask",
+    "MODELS",
+    "register_model",
 ]

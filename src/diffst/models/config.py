@@ -1,18 +1,19 @@
-"""Model configuration: one validated, serialisable object describing a denoiser, plus presets and a
-factory.
+"""Model configuration: one validated, serialisable object describing a denoiser, plus presets.
 
 ``ModelConfig.model_dump()`` gives a plain dict that can be saved with a run and turned back into the
-same model with ``build_model(ModelConfig(**d))``.
+same model with ``build_model(ModelConfig(**d))`` (:func:`diffst.models.registry.build_model`, which
+builds the model registered under ``arch``).
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-from torch import nn
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["ModelConfig", "model_preset", "build_model"]
+from diffst.models.registry import model_class
+
+__all__ = ["ModelConfig", "model_preset"]
 
 
 class ModelConfig(BaseModel):
@@ -21,7 +22,8 @@ class ModelConfig(BaseModel):
     Attributes
     ----------
     arch
-        ``"diffst"`` (the paper's model) or ``"guided_dm"`` (the guided-diffusion SR baseline).
+        Name of a registered model (:mod:`diffst.models.registry`): ``"diffst"`` (the paper's model) or
+        ``"guided_dm"`` (the guided-diffusion SR baseline), or any model added with ``@register_model``.
     n_genes
         Number of genes N generated jointly (one channel each).
     image_channels
@@ -63,7 +65,7 @@ class ModelConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    arch: Literal["diffst", "guided_dm"] = "diffst"
+    arch: str = "diffst"
     n_genes: int = Field(25, ge=1)
     image_channels: int = Field(3, ge=1)
     base_channels: int = Field(128, ge=4)
@@ -86,6 +88,12 @@ class ModelConfig(BaseModel):
     use_cam: bool = True
     use_graph: bool = True
     use_disentangle: bool = True
+
+    @field_validator("arch")
+    @classmethod
+    def _registered(cls, arch: str) -> str:
+        model_class(arch)  # raises naming the registered models
+        return arch
 
     @model_validator(mode="after")
     def _check_consistency(self) -> ModelConfig:
@@ -149,14 +157,3 @@ def model_preset(
     values.update(overrides)
     return ModelConfig(**values)
 
-
-def build_model(cfg: ModelConfig) -> nn.Module:
-    """Instantiate the denoiser described by ``cfg`` (``DiffST`` or ``GuidedDMBaseline``)."""
-    # Imported here because the model modules import this one.
-    if cfg.arch == "diffst":
-        from diffst.models.diffst import DiffST
-
-        return DiffST(cfg)
-    from diffst.models.guided_dm import GuidedDMBaseline
-
-    return GuidedDMBaseline(cfg)

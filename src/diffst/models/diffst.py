@@ -1,5 +1,7 @@
-"""Diff-ST denoiser (Wang et al., MICCAI 2024): a conditional U-Net with hierarchical histology
-features, cross-modal adaptive modulation, multi-modal disentangling and a gene-correlation graph.
+"""Diff-ST denoiser (Wang et al., MICCAI 2024).
+
+A conditional U-Net with hierarchical histology features, cross-modal adaptive modulation, multi-modal
+disentangling and a gene-correlation graph.
 
 Data flow for noisy HR maps x_t (B, N, H, W):
 
@@ -26,6 +28,7 @@ from diffst.models.disentangle import ModalityFusion
 from diffst.models.graph import GeneCorrelationGraph
 from diffst.models.histology import HierarchicalHistologyEncoder
 from diffst.models.inputs import check_inputs, resample_lr
+from diffst.models.registry import register_model
 from diffst.models.unet import ConditionalUNet, attention_levels_for, group_norm
 
 __all__ = ["DiffST", "resample_to_grid"]
@@ -67,6 +70,7 @@ def resample_to_grid(
     return F.grid_sample(feat, grid, mode=mode, padding_mode="zeros", align_corners=False)
 
 
+@register_model("diffst")
 class DiffST(nn.Module):
     """The Diff-ST denoiser; every paper component is switchable through ``cfg``.
 

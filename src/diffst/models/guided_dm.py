@@ -6,21 +6,24 @@ grid and the histology image resized to H x W. Cell patches are ignored.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffst.models.base import DenoiserOutput
+from diffst.models.base import Denoiser, DenoiserOutput
 from diffst.models.config import ModelConfig
 from diffst.models.inputs import check_inputs, resample_lr
+from diffst.models.registry import register_model
 from diffst.models.unet import ConditionalUNet, attention_levels_for
 
 __all__ = ["GuidedDMBaseline"]
 
 
-class GuidedDMBaseline(nn.Module):
+@register_model("guided_dm")
+class GuidedDMBaseline(nn.Module, Denoiser):
     """Guided-diffusion SR U-Net conditioned by concatenation.
+
+    It has no gene graph: the co-expression matrix is ignored (:meth:`Denoiser.set_coexpression`).
 
     Parameters
     ----------
@@ -42,9 +45,6 @@ class GuidedDMBaseline(nn.Module):
             num_heads=cfg.num_heads,
             dropout=cfg.dropout,
         )
-
-    def set_coexpression(self, matrix: np.ndarray | Tensor) -> None:
-        """No-op: the baseline has no gene graph (kept so training code can treat both models alike)."""
 
     def forward(
         self,

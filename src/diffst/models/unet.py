@@ -79,6 +79,7 @@ class ResBlock(nn.Module):
         )
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        """(B, C_in, H, W) features and (B, E) timestep embedding -> (B, C_out, H, W)."""
         h = self.in_layers(x)
         scale, shift = self.emb_proj(emb)[:, :, None, None].chunk(2, dim=1)
         h = self.out_norm(h) * (1 + scale) + shift
@@ -96,6 +97,7 @@ class SelfAttention2d(nn.Module):
         self.proj = zero_init(nn.Conv1d(channels, channels, 1))
 
     def forward(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, C, H, W): x plus attention over its H * W pixels."""
         b, c, h, w = x.shape
         qkv = self.qkv(self.norm(x).reshape(b, c, h * w))
         # (B, 3, heads, L, c/heads) for scaled_dot_product_attention

@@ -1,18 +1,16 @@
-"""Comparison figures: histology, LR, baselines, Diff-ST and ground truth side by side (like the
-paper's Fig. 3), and metric-versus-steps plots for the sampler benchmark."""
+"""Comparison figures: histology, LR, baselines, Diff-ST and ground truth side by side.
+
+Like the paper's Fig. 3; and metric-versus-steps plots for the sampler benchmark.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from diffst.plotting.preview import show_histology, show_map  # noqa: E402
+from diffst.plotting.preview import new_figure, show_histology, show_map
 
 
 def plot_comparison(
@@ -28,9 +26,32 @@ def plot_comparison(
 
     Prediction and truth share one colour scale per gene (the truth's 99th percentile) so they can
     be compared by eye; the LR map keeps its own scale (counts per LR bin).
+
+    Parameters
+    ----------
+    tissue
+        (C, H, W) histology of the tile.
+    lr_counts
+        (N, h, w) LR counts per LR bin.
+    maps
+        Name -> (N, H, W) HR maps in counts per HR bin; ``"observed"`` is the ground truth (sets the colour
+        scale when present), names starting with ``"std"`` keep their own scale.
+    genes
+        Names of the N genes.
+    gene_idx
+        Genes to show, one row each.
+    path
+        PNG file to write.
+    title
+        Figure title; none when empty.
+
+    Returns
+    -------
+    Path
+        ``path``.
     """
     cols = 2 + len(maps)
-    fig, axes = plt.subplots(len(gene_idx), cols, figsize=(2.6 * cols, 2.4 * len(gene_idx)), squeeze=False)
+    fig, axes = new_figure(len(gene_idx), cols, figsize=(2.6 * cols, 2.4 * len(gene_idx)))
     truth = maps.get("observed")
     for row, g in enumerate(gene_idx):
         show_histology(axes[row, 0], tissue, "histology")
@@ -46,15 +67,33 @@ def plot_comparison(
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
 def plot_metric_vs_steps(rows: Sequence[Mapping], path: str | Path, reference: Mapping[str, float] | None = None,
                          metric: str = "pcc", title: str = "") -> Path:
-    """Metric against number of sampling steps, one line per sampler; reference lines (e.g. bicubic,
-    noise ceiling) drawn horizontally. ``rows`` have keys ``method``, ``steps`` and ``metric``."""
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    """Plot a metric against the number of sampling steps, one line per sampler.
+
+    Parameters
+    ----------
+    rows
+        One mapping per (sampler, steps) result, with keys ``method``, ``steps`` and ``metric``.
+    path
+        PNG file to write.
+    reference
+        Name -> value drawn as horizontal dashed lines (e.g. bicubic, noise ceiling).
+    metric
+        Key of the metric in ``rows`` (also the y-axis label).
+    title
+        Axes title.
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
+    fig, axes = new_figure(1, 1, figsize=(5.5, 3.8))
+    ax = axes[0, 0]
     for method in dict.fromkeys(r["method"] for r in rows):
         pts = sorted((r["steps"], r[metric]) for r in rows if r["method"] == method)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
@@ -68,5 +107,4 @@ def plot_metric_vs_steps(rows: Sequence[Mapping], path: str | Path, reference: M
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path

@@ -22,15 +22,18 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["derive_seed", "EpochOrder", "SeededTiles", "make_loader", "STREAM_ORDER", "STREAM_AUGMENT",
-           "STREAM_NOISE", "STREAM_TORCH", "STREAM_VAL"]
+from diffst.config import ConfigError, RunConfig
+from diffst.errors import InputError
+
+__all__ = ["derive_seed", "EpochOrder", "SeededTiles", "make_loader", "open_datasets", "training_tiles",
+           "STREAM_ORDER", "STREAM_AUGMENT", "STREAM_NOISE", "STREAM_TORCH", "STREAM_VAL"]
 
 # Independent random streams (the first word of every derived seed after the run seed).
 STREAM_ORDER, STREAM_AUGMENT, STREAM_NOISE, STREAM_TORCH, STREAM_VAL = 1, 2, 3, 4, 5
 
 
 def derive_seed(seed: int, *words: int) -> int:
-    """A 63-bit seed that depends on the run ``seed`` and any number of integers (e.g. stream, rank, step).
+    """Derive a 63-bit seed that depends on the run ``seed`` and any number of integers (e.g. stream, rank, step).
 
     Uses numpy's ``SeedSequence``, so nearby inputs give statistically independent streams.
     """
@@ -77,7 +80,7 @@ class EpochOrder:
         return math.ceil(self.per_rank / self.batch_size)
 
     def epoch_tiles(self, epoch: int) -> list[int]:
-        """This process's tiles of ``epoch``, in order."""
+        """Return the tiles of ``epoch`` that this process loads, in order."""
         n = len(self.tiles)
         if self.shuffle:
             gen = torch.Generator().manual_seed(derive_seed(self.seed, STREAM_ORDER, epoch))
@@ -120,5 +123,67 @@ class SeededTiles(Dataset):
 
 
 def make_loader(view: SeededTiles, batches: list[list[tuple[int, int]]], num_workers: int) -> DataLoader:
-    """A DataLoader over exactly ``batches`` (lists of ``(epoch, tile)`` keys), in order."""
+    """Make a DataLoader over exactly ``batches`` (lists of ``(epoch, tile)`` keys), in order."""
     return DataLoader(view, batch_sampler=batches, num_workers=num_workers, pin_memory=torch.cuda.is_available())
+
+
+def open_datasets(cfg: RunConfig):
+    """Open the training split, the validation split (or None) and a note on validation for ``run_info.json``.
+
+    Parameters
+    ----------
+    cfg
+        The run configuration (``data`` section and ``seed``).
+
+    Returns
+    -------
+    tuple
+        ``(train, val or None, note)``.
+
+    Raises
+    ------
+    InputError
+        If ``data.path`` holds no prepared dataset or its training split has no HR ground truth.
+    """
+    from diffst.data.dataset import PreparedTiles
+
+    train_ds = PreparedTiles(cfg.data.path, cfg.data.train_split, augment=cfg.data.augment, seed=cfg.seed)
+    if not train_ds.has_hr:
+        raise InputError(f"{cfg.data.path} split {cfg.data.train_split!r} has no HR ground truth to train on")
+    val_ds, note = None, ""
+    if cfg.data.val_split is None:
+        note = "validation disabled (data.val_split is null)"
+    else:
+        try:
+            val_ds = PreparedTiles(cfg.data.path, cfg.data.val_split, augment=False)
+            note = f"validation on split {cfg.data.val_split!r} ({len(val_ds)} tiles)"
+        except InputError:
+            note = (f"no validation: the dataset has no {cfg.data.val_split!r} split (the test split is never "
+                    "used for validation or model selection)")
+    return train_ds, val_ds, note
+
+
+def training_tiles(cfg: RunConfig, n_tiles: int) -> list[int]:
+    """Return the indices of the training tiles.
+
+    Parameters
+    ----------
+    cfg
+        The run configuration (``data.subset``).
+    n_tiles
+        Number of tiles of the training split.
+
+    Returns
+    -------
+    list of int
+        All tiles, or ``data.subset`` (repeats allowed).
+
+    Raises
+    ------
+    ConfigError
+        If ``data.subset`` names a tile beyond the split.
+    """
+    tiles = list(range(n_tiles)) if cfg.data.subset is None else list(cfg.data.subset)
+    if max(tiles) >= n_tiles:
+        raise ConfigError(f"data.subset has tile {max(tiles)} but the training split has {n_tiles} tiles")
+    return tiles

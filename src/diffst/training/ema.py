@@ -52,7 +52,7 @@ class EMA:
         self.num_updates += 1
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The averaged weights, with the same keys as the model's ``state_dict``."""
+        """Return the averaged weights, with the same keys as the model's ``state_dict``."""
         return self.model.state_dict()
 
     def load_state_dict(self, state: dict[str, torch.Tensor], num_updates: int) -> None:

@@ -10,22 +10,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from diffst.core.image import XENIUM_PIXEL_SIZE_UM, SlideImage
 from diffst.errors import GeometryError, InputError
-
-if TYPE_CHECKING:  # io imports data.sample; only the type is needed here
-    from diffst.io.image import SlideImage
 
 log = logging.getLogger("diffst.data")
 
 # Sample.check_placement: the first pixel-size search covers factors 0.1x-10x, exp(step) = 15.5 % apart.
 _SCALE_STEP = float(np.log(10.0) / 16)
-_XENIUM_PIXEL_SIZE_UM = 0.2125  # diffst.io.xenium.XENIUM_PIXEL_SIZE_UM (io imports this module)
 
 
 @dataclass
@@ -118,6 +114,7 @@ class Sample:
     # ------------------------------------------------------------------------------------------
     @property
     def has_points(self) -> bool:
+        """True for point transcripts, False for counts at spots."""
         return self.transcripts is not None
 
     def xy_um(self) -> np.ndarray:
@@ -261,7 +258,7 @@ class Sample:
         grids: dict[float, tuple] = {}
 
         def correlation(um: np.ndarray, factor: float, bin_um: float) -> float | None:
-            """r of image signal and transcript density over the bins the image covers at least half of."""
+            """Correlation r of image signal and transcript density over the bins the image covers at least half of."""
             if bin_um not in grids:
                 shape = (np.floor((hi - lo) / bin_um) + 1).astype(int)
                 ij = np.floor((xy - lo) / bin_um).astype(np.int64)
@@ -340,7 +337,7 @@ class Sample:
 
 
 def _likely_cause(data: Sequence[float], image: Sequence[float], pixel_size_um: float) -> str:
-    """A hint for data that miss their image: too large for it (pixel size) or beside it (origin)."""
+    """Hint at why data miss their image: too large for it (pixel size) or beside it (origin)."""
     spans = [(data[2] - data[0]) / max(image[2] - image[0], 1e-9), (data[3] - data[1]) / max(image[3] - image[1], 1e-9)]
     ratio = max(spans)
     if ratio > 1.02:
@@ -358,9 +355,9 @@ def _likely_cause(data: Sequence[float], image: Sequence[float], pixel_size_um: 
 
 
 def _pixel_size_advice(pixel_size_um: float, xenium: bool) -> str:
-    """What to pass when the image fits best at ``pixel_size_um``: Xenium's size when close to one."""
-    level = int(np.clip(np.round(np.log2(pixel_size_um / _XENIUM_PIXEL_SIZE_UM)), 0, 3))
-    native = _XENIUM_PIXEL_SIZE_UM * 2**level
+    """Say what to pass when the image fits best at ``pixel_size_um``: Xenium's size when close to one."""
+    level = int(np.clip(np.round(np.log2(pixel_size_um / XENIUM_PIXEL_SIZE_UM)), 0, 3))
+    native = XENIUM_PIXEL_SIZE_UM * 2**level
     if xenium and abs(pixel_size_um / native - 1) < 0.1:
         kind = "a full-resolution" if level == 0 else f"a {2**level}x downsampled"
         return (f"The pixel size looks wrong; the image fits best at about {pixel_size_um:.3g} µm/px, close to "

@@ -17,6 +17,7 @@ from skimage.transform import AffineTransform, warp
 
 from diffst.errors import GeometryError, InputError
 
+XENIUM_PIXEL_SIZE_UM = 0.2125  # microns per pixel of a full-resolution Xenium morphology image
 _TIFF_SUFFIXES = (".tif", ".tiff", ".btf")
 _PLAIN_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -76,9 +77,12 @@ def origin_xy(origin_um) -> tuple[float, float]:
 
 
 def resample_area(hwc: np.ndarray, out_h: int, out_w: int, box: tuple[float, float, float, float] | None = None) -> np.ndarray:
-    """Resize a float (rows, cols, C) image, or the fractional ``box`` (left, top, right, bottom, in
-    pixels) of it: box (area) averaging when shrinking, bilinear when enlarging. Each channel goes
-    through PIL's float mode, far faster than a Gaussian anti-aliasing filter on large tiles."""
+    """Resize a float (rows, cols, C) image, or the fractional ``box`` of it.
+
+    ``box`` is (left, top, right, bottom) in pixels. Box (area) averaging when shrinking, bilinear when
+    enlarging. Each channel goes through PIL's float mode, far faster than a Gaussian anti-aliasing
+    filter on large tiles.
+    """
     from PIL import Image
 
     left, top, right, bottom = box or (0.0, 0.0, float(hwc.shape[1]), float(hwc.shape[0]))
@@ -230,19 +234,23 @@ class SlideImage:
 
     @property
     def n_channels(self) -> int:
+        """Number of channels (1 for a 2-D image)."""
         shape = self._levels[0].shape
         return 1 if len(shape) == 2 else int(shape[2])
 
     @property
     def dtype(self) -> np.dtype:
+        """Pixel type of the stored image."""
         return np.dtype(self._levels[0].dtype)
 
     @property
     def is_rgb(self) -> bool:
+        """True for an 8-bit 3-channel (H&E-like) image."""
         return self.n_channels == 3 and self.dtype == np.uint8
 
     @property
     def px_to_um(self) -> np.ndarray:
+        """The 3 x 3 affine map from (col, row, 1) pixels to (x_um, y_um, 1), the inverse of ``um_to_px``."""
         return np.linalg.inv(self.um_to_px)
 
     def to_px(self, xy_um: np.ndarray) -> np.ndarray:
@@ -280,8 +288,11 @@ class SlideImage:
         return out
 
     def intensity_max(self) -> np.ndarray:
-        """Per-channel value mapped to 1.0: 255 for uint8; for other types a robust maximum
-        (99.9th percentile) of an overview, so every tile of a slide is scaled the same way."""
+        """Return the per-channel value mapped to 1.0.
+
+        255 for uint8; for other types a robust maximum (99.9th percentile) of an overview, so every tile
+        of a slide is scaled the same way.
+        """
         if self._intensity_max is None:
             if self.dtype == np.uint8:
                 self._intensity_max = np.full(self.n_channels, 255.0)
@@ -292,7 +303,7 @@ class SlideImage:
         return self._intensity_max
 
     def overview(self, max_side: int = 1024) -> np.ndarray:
-        """A strided low-resolution view (rows, cols, C) of the whole image in raw units."""
+        """Return a strided low-resolution view (rows, cols, C) of the whole image in raw units."""
         level = len(self._levels) - 1
         arr = self._levels[level]
         step = max(1, int(np.ceil(max(arr.shape[:2]) / max_side)))

@@ -75,30 +75,36 @@ class TileGeometry:
     # -------------------------------------------------------------------------------- derived sizes
     @property
     def lr_bin_um(self) -> float:
+        """Side of one LR bin in microns (``scale`` HR bins)."""
         return self.hr_bin_um * self.scale
 
     @property
     def tile_um(self) -> float:
+        """Side of the tile in microns."""
         return self.tile_lr * self.lr_bin_um
 
     @property
     def tile_hr(self) -> int:
+        """HR bins per tile side."""
         return self.tile_lr * self.scale
 
     @property
     def image_px(self) -> int:
+        """Pixels per tile side at ``image_pixel_um``."""
         return int(round(self.tile_um / self.image_pixel_um))
 
     @property
     def n_cell_patches(self) -> int:
+        """Number M of cell-level patches (``cell_grid`` squared)."""
         return self.cell_grid * self.cell_grid
 
     @property
     def cell_patch_um(self) -> float:
+        """Side of one cell-level patch in microns."""
         return self.tile_um / self.cell_grid
 
     def at(self, x_um: float, y_um: float) -> TileGeometry:
-        """The same gridding placed with its top-left corner at (x_um, y_um)."""
+        """Return the same gridding placed with its top-left corner at (x_um, y_um)."""
         return replace(self, origin_um=(float(x_um), float(y_um)))
 
     def to_dict(self, with_origin: bool = False) -> dict:
@@ -116,6 +122,7 @@ class TileGeometry:
         return x0, y0, x0 + self.tile_um, y0 + self.tile_um
 
     def describe(self) -> str:
+        """One line naming every size of the gridding, for logs and errors."""
         return (
             f"tile {self.tile_um:g} µm: LR {self.tile_lr}x{self.tile_lr} at {self.lr_bin_um:g} µm, "
             f"HR {self.tile_hr}x{self.tile_hr} at {self.hr_bin_um:g} µm (s={self.scale}), image "

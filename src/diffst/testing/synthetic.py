@@ -11,9 +11,9 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from diffst.data.sample import Sample
+from diffst.core.image import SlideImage
+from diffst.core.sample import Sample
 from diffst.errors import InputError
-from diffst.io.image import SlideImage
 
 _BACKGROUND = np.array([238, 196, 218], dtype=np.float32)  # pale pink stroma
 _CYTOPLASM = np.array([226, 160, 200], dtype=np.float32)  # eosin-pink cytoplasm

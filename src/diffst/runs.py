@@ -1,0 +1,485 @@
+"""Run artifacts: the files a training run leaves behind and how to read them back.
+
+This layer sits below both training (which writes runs) and inference (which reads them); neither
+imports the other. A run folder holds ``config.yaml`` (the resolved configuration), ``run_info.json``,
+``metrics.csv``, ``val.csv``, ``train.log``, ``.lock`` and ``checkpoints/step_<8 digits>/`` with
+
+* ``model.safetensors`` - the live weights and buffers (the co-expression matrix is the model's buffer
+  ``coexpression``, so it is stored with the weights and nowhere else);
+* ``ema.safetensors`` - the exponential moving average of the weights (used for inference);
+* ``optimizer.pt``, ``rng.pt`` - optimiser and random states, loadable with ``weights_only=True``;
+* ``config.yaml`` - the resolved run configuration;
+* ``state.json`` - step, data position, entropy thresholds and the dataset spec (genes, normaliser,
+  geometry, image channels);
+* ``manifest.json`` - size and sha256 of every other file, written last.
+
+Every checkpoint is self-contained, so one copied elsewhere still predicts. Damage after the fact is
+caught against the manifest on load; checkpoints written before manifests existed are checked for
+missing or empty files only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from diffst.config import RunConfig, parse_config
+from diffst.core.geometry import TileGeometry
+from diffst.data.normalise import LogScaleNormaliser
+from diffst.errors import InputError
+
+__all__ = [
+    "CHECKPOINT_DIR",
+    "CHECKPOINT_FILES",
+    "DatasetSpec",
+    "Run",
+    "load_run",
+    "load_checkpoint",
+    "read_training_state",
+    "list_checkpoints",
+    "latest_checkpoint",
+    "find_checkpoint",
+    "checkpoint_folder",
+    "verify_checkpoint",
+    "write_manifest",
+]
+
+CHECKPOINT_DIR = "checkpoints"
+MANIFEST = "manifest.json"
+STATE = "state.json"
+CONFIG = "config.yaml"
+WEIGHTS = {"ema": "ema.safetensors", "model": "model.safetensors"}
+CHECKPOINT_FILES = (STATE, CONFIG, WEIGHTS["model"], WEIGHTS["ema"], "optimizer.pt", "rng.pt")
+_NAME = re.compile(r"^step_(\d+)$")
+# What a damaged file makes the loaders raise (torch.load: RuntimeError / UnpicklingError / EOFError).
+_LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError, EOFError,
+                pickle.UnpicklingError, SafetensorError, yaml.YAMLError)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What a model needs to know about the data it was trained on.
+
+    Attributes
+    ----------
+    genes
+        Gene names, in channel order.
+    normaliser
+        Maps counts to the model space and back (fitted on the training tiles).
+    geometry
+        Tile geometry (bins, scale, image size) of the training data.
+    image_channels
+        Channels of the histology image.
+    """
+
+    genes: list[str]
+    normaliser: LogScaleNormaliser
+    geometry: TileGeometry
+    image_channels: int
+
+    @classmethod
+    def from_tiles(cls, tiles: Any) -> DatasetSpec:
+        """Describe the data of a split.
+
+        Parameters
+        ----------
+        tiles
+            A :class:`~diffst.data.dataset.PreparedTiles` split.
+
+        Returns
+        -------
+        DatasetSpec
+        """
+        return cls(list(tiles.genes), tiles.normaliser, tiles.geometry, int(tiles.image_channels))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DatasetSpec:
+        """Read the spec back from :meth:`to_dict`'s form.
+
+        Parameters
+        ----------
+        data
+            ``genes``, ``normaliser``, ``geometry`` and ``image_channels``.
+
+        Returns
+        -------
+        DatasetSpec
+        """
+        return cls(list(data["genes"]), LogScaleNormaliser(**data["normaliser"]), TileGeometry(**data["geometry"]),
+                   int(data["image_channels"]))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the plain JSON-serialisable form.
+
+        Returns
+        -------
+        dict
+            ``genes``, ``normaliser``, ``geometry`` and ``image_channels`` (a checkpoint's ``state.json`` holds it
+            under ``dataset``).
+        """
+        return {"genes": list(self.genes), "normaliser": self.normaliser.model_dump(),
+                "geometry": self.geometry.to_dict(), "image_channels": self.image_channels}
+
+
+@dataclass
+class Run:
+    """A trained run, read back from one checkpoint (see :func:`load_run`).
+
+    Attributes
+    ----------
+    model
+        The denoiser (a :class:`~diffst.models.base.Denoiser`) in eval mode, with EMA or live weights.
+    config
+        The resolved :class:`~diffst.config.RunConfig` of the run.
+    dataset
+        The :class:`DatasetSpec` of the training data (None for checkpoints older than the spec).
+    coexpression
+        The (N, N) co-expression matrix of the training split, or None for a model without a gene graph.
+    entropy_threshold
+        The final curriculum gamma, to use at inference (None: every cell patch).
+    step
+        Training step of the checkpoint.
+    path
+        The checkpoint folder.
+    weights
+        ``"ema"`` or ``"model"``.
+    state
+        The rest of ``state.json``.
+    """
+
+    model: nn.Module
+    config: RunConfig
+    dataset: DatasetSpec | None
+    coexpression: np.ndarray | None
+    entropy_threshold: float | None
+    step: int
+    path: Path
+    weights: Literal["ema", "model"] = "ema"
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+# -- finding checkpoints ------------------------------------------------------------------------------
+
+
+def checkpoint_folder(run_dir: str | Path, step: int) -> Path:
+    """Name the folder of the checkpoint of ``step``.
+
+    Parameters
+    ----------
+    run_dir, step
+        The run folder and the training step.
+
+    Returns
+    -------
+    Path
+        ``<run_dir>/checkpoints/step_<step, 8 digits>`` (whether it exists or not).
+    """
+    return Path(run_dir) / CHECKPOINT_DIR / f"step_{step:08d}"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """List the checkpoints of a run.
+
+    Every ``step_<N>`` folder was complete when it was renamed into place; whether it is still intact is
+    for :func:`verify_checkpoint` to say (the loaders call it).
+
+    Parameters
+    ----------
+    run_dir
+        The run folder.
+
+    Returns
+    -------
+    list of (int, Path)
+        ``(step, folder)`` sorted by step; empty without checkpoints.
+    """
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), child) for child in folder.iterdir()
+             if (m := _NAME.match(child.name)) and child.is_dir()]
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """Return the most recent checkpoint of a run.
+
+    Parameters
+    ----------
+    run_dir
+        The run folder.
+
+    Returns
+    -------
+    Path or None
+        Its newest ``step_<N>`` folder, None without checkpoints.
+    """
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """Find the checkpoint a path names.
+
+    Parameters
+    ----------
+    path
+        A checkpoint folder, a run folder (its latest checkpoint) or a file in a checkpoint folder.
+
+    Returns
+    -------
+    Path
+        The checkpoint folder (not yet verified).
+
+    Raises
+    ------
+    InputError
+        If ``path`` is neither a checkpoint folder nor a run folder with checkpoints.
+    """
+    path = Path(path)
+    if path.is_file():
+        path = path.parent
+    if _NAME.match(path.name) or (path / STATE).is_file() or (path / MANIFEST).is_file():
+        return path  # a checkpoint folder; verify_checkpoint names whatever is wrong with it
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise InputError(
+            f"{path} is neither a checkpoint folder (with state.json and model.safetensors) nor a run folder "
+            f"with checkpoints under {CHECKPOINT_DIR}/"
+        )
+    return latest
+
+
+# -- manifests ----------------------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _damaged(folder: Path, name: str, problem: str) -> InputError:
+    return InputError(
+        f"checkpoint {folder} is damaged: {name} {problem}. Use an older checkpoint of the run "
+        f"({folder.parent}/step_N) or train again."
+    )
+
+
+def write_manifest(folder: Path) -> None:
+    """Seal a checkpoint folder: write ``manifest.json`` with the size and sha256 of every file in it.
+
+    Parameters
+    ----------
+    folder
+        The (temporary) checkpoint folder, complete but for the manifest; call this last.
+    """
+    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(folder.iterdir()) if p.is_file()}
+    (folder / MANIFEST).write_text(json.dumps({"format": "diffst-checkpoint-manifest-1", "files": files}, indent=2))
+
+
+def _read_manifest(folder: Path) -> dict[str, Any] | None:
+    path = folder / MANIFEST
+    if not path.exists():
+        return None  # written before manifests existed
+    try:
+        files = json.loads(path.read_text())["files"]
+        if all(isinstance(v["size"], int) and isinstance(v["sha256"], str) for v in files.values()):
+            return files
+    except _LOAD_ERRORS:
+        pass
+    raise _damaged(folder, MANIFEST, "is not a valid checkpoint manifest")
+
+
+def verify_checkpoint(folder: str | Path, names: tuple[str, ...] = CHECKPOINT_FILES) -> None:
+    """Check that the files ``names`` of a checkpoint are present and match its manifest.
+
+    With a ``manifest.json`` each file must have the recorded size and sha256; checkpoints written before
+    manifests existed are only checked for missing or empty files.
+
+    Parameters
+    ----------
+    folder
+        The checkpoint folder.
+    names
+        The files to check (default: every file training writes).
+
+    Raises
+    ------
+    InputError
+        Naming the checkpoint folder and the first broken file.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"checkpoint {folder} does not exist; give a checkpoint folder or a run folder")
+    manifest = _read_manifest(folder)
+    for name in names:
+        path = folder / name
+        if not path.is_file():
+            raise _damaged(folder, name, "is missing")
+        size = path.stat().st_size
+        if manifest is None:
+            if size == 0:
+                raise _damaged(folder, name, "is empty")
+        elif name not in manifest:
+            raise _damaged(folder, name, f"is not listed in {MANIFEST}")
+        elif size != manifest[name]["size"]:
+            raise _damaged(folder, name, f"has {size} bytes, {MANIFEST} says {manifest[name]['size']} (truncated "
+                                          "or overwritten)")
+        elif _sha256(path) != manifest[name]["sha256"]:
+            raise _damaged(folder, name, f"does not match its sha256 in {MANIFEST} (changed after saving)")
+
+
+# -- reading ------------------------------------------------------------------------------------------
+
+
+def _first_sentence(exc: Exception) -> str:
+    # Only the first: torch goes on to advise weights_only=False, which is no cure for a damaged file.
+    text = (str(exc).strip().splitlines() or [""])[0]
+    return re.split(r"(?<=\.)\s", text, maxsplit=1)[0].rstrip(".")
+
+
+def _load(folder: Path, name: str, loader: Callable[[Path], Any]) -> Any:
+    """``loader(folder / name)``, with any sign of a damaged file turned into an InputError naming it."""
+    try:
+        return loader(folder / name)
+    except InputError:
+        raise
+    except _LOAD_ERRORS as exc:
+        raise _damaged(folder, name, f"cannot be read ({type(exc).__name__}: {_first_sentence(exc)})") from exc
+
+
+def _parse_config(path: Path) -> RunConfig:
+    data = yaml.safe_load(path.read_text())
+    if isinstance(data, dict) and isinstance(data.get("model"), dict):
+        data["model"].pop("learn_sigma", None)  # written by older versions; it follows diffusion.learn_sigma
+    return parse_config(data, str(path))
+
+
+def _read_meta(folder: Path) -> tuple[dict[str, Any], RunConfig]:
+    """``state.json`` (without the copy of the configuration older versions kept there) and ``config.yaml``."""
+    state = _load(folder, STATE, lambda p: json.loads(p.read_text()))
+    if not isinstance(state, dict) or "step" not in state:
+        raise _damaged(folder, STATE, "holds no training state")
+    state.pop("config", None)
+    state["step"] = int(state["step"])
+    return state, _load(folder, CONFIG, _parse_config)
+
+
+def _coexpression(model: nn.Module) -> np.ndarray | None:
+    """Return the model's co-expression buffer (Diff-ST's gene graph), or None when it has none."""
+    found = [b for name, b in model.named_buffers() if name.rsplit(".", 1)[-1] == "coexpression"]
+    return found[0].detach().cpu().double().numpy() if found else None
+
+
+def read_training_state(folder: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read everything in a checkpoint: what training resumes from.
+
+    Files are verified (:func:`verify_checkpoint`) and loaded without unpickling arbitrary objects.
+
+    Parameters
+    ----------
+    folder
+        A checkpoint folder, or a run folder (its latest checkpoint).
+    device
+        Where to load the tensors.
+
+    Returns
+    -------
+    dict
+        ``model`` and ``ema`` (state dicts), ``optimizer`` (state dict), ``rng``, ``state`` (the contents
+        of ``state.json``), ``config`` (RunConfig) and ``path``.
+
+    Raises
+    ------
+    InputError
+        If the checkpoint is missing, damaged or unreadable (the message names the folder and the file).
+    """
+    folder = find_checkpoint(folder)
+    verify_checkpoint(folder)
+    state, config = _read_meta(folder)
+    return {
+        "model": _load(folder, WEIGHTS["model"], lambda p: load_file(p, device=str(device))),
+        "ema": _load(folder, WEIGHTS["ema"], lambda p: load_file(p, device=str(device))),
+        "optimizer": _load(folder, "optimizer.pt", lambda p: torch.load(p, map_location=device, weights_only=True)),
+        "rng": _load(folder, "rng.pt", lambda p: torch.load(p, map_location="cpu", weights_only=True)),
+        "state": state,
+        "config": config,
+        "path": folder,
+    }
+
+
+def load_run(path: str | Path, device: str | torch.device = "cpu", ema: bool = True) -> Run:
+    """Read a trained run back for inference.
+
+    Parameters
+    ----------
+    path
+        A checkpoint folder, or a run folder (its latest checkpoint is used).
+    device
+        Where to put the model.
+    ema
+        Load the EMA weights (default; what the paper samples with) instead of the live weights.
+
+    Returns
+    -------
+    Run
+        The model in eval mode, its resolved config, dataset spec, co-expression matrix, final entropy
+        threshold and step.
+
+    Raises
+    ------
+    InputError
+        If the checkpoint is missing, damaged or unreadable (the message names the folder and the file).
+    """
+    from diffst.models.registry import build_model
+
+    folder = find_checkpoint(path)
+    weights = "ema" if ema else "model"
+    verify_checkpoint(folder, (STATE, CONFIG, WEIGHTS[weights]))
+    state, config = _read_meta(folder)
+    model = build_model(config.model_config_resolved())
+    _load(folder, WEIGHTS[weights], lambda p: model.load_state_dict(load_file(p, device="cpu")))
+    model.to(device).eval()
+    spec = state.get("dataset")
+    return Run(model=model, config=config, dataset=DatasetSpec.from_dict(spec) if spec else None,
+               coexpression=_coexpression(model), entropy_threshold=state.get("entropy_threshold_final"),
+               step=state["step"], path=folder, weights=weights, state=state)
+
+
+def load_checkpoint(
+    path: str | Path, device: str | torch.device = "cpu", ema: bool = True
+) -> tuple[nn.Module, RunConfig, dict[str, Any]]:
+    """:func:`load_run` as the tuple ``(model, config, extras)`` of earlier versions.
+
+    Parameters
+    ----------
+    path, device, ema
+        As for :func:`load_run`.
+
+    Returns
+    -------
+    tuple
+        The model, the resolved config and ``extras``: ``step``, ``entropy_threshold``, ``dataset`` (dict),
+        ``coexpression``, ``weights``, ``path`` and ``state``.
+    """
+    run = load_run(path, device, ema)
+    extras = {"step": run.step, "entropy_threshold": run.entropy_threshold, "dataset": run.state.get("dataset"),
+              "coexpression": run.coexpression, "weights": run.weights, "path": run.path, "state": run.state}
+    return run.model, run.config, extras
