@@ -53,3 +53,19 @@ def test_learned_variance_bound_sees_the_same_mean_as_sampling(parameterization)
     terms = diffusion.training_losses(lambda x, tt: DenoiserOutput(prediction), x0, t, noise=noise)
     expected = diffusion.vlb_terms(prediction, x0, diffusion.q_sample(x0, t, noise), t).mean()
     torch.testing.assert_close(terms["vlb"], expected)
+
+
+@pytest.mark.parametrize("parameterization", ["eps", "v"])
+def test_x0_probe_of_an_exact_model_is_the_data(parameterization):
+    from diffst.diffusion.samplers import x0_probe
+
+    diffusion = GaussianDiffusion(DiffusionConfig(parameterization=parameterization, learn_sigma=False))
+    abar = diffusion.alphas_cumprod
+
+    def exact(x, t):
+        a = abar.to(x.dtype)[t.long()].reshape(-1, 1, 1, 1)
+        eps = (x - a.sqrt() * C) / (1 - a).sqrt()
+        return eps if parameterization == "eps" else a.sqrt() * eps - (1 - a).sqrt() * C
+
+    x0 = x0_probe(exact, (2, 3, 8, 8), diffusion, draws=3, generator=torch.Generator().manual_seed(0))
+    assert float((x0 - C).abs().max()) < 1e-3

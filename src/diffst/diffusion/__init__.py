@@ -10,6 +10,7 @@ from diffst.diffusion.samplers import (
     sample_dpmpp,
     sample_k,
     sample_with_config,
+    x0_probe,
 )
 
 __all__ = [
@@ -26,4 +27,5 @@ __all__ = [
     "sample_k",
     "sample_with_config",
     "spaced_timesteps",
+    "x0_probe",
 ]

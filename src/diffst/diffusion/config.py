@@ -77,6 +77,13 @@ class SamplerConfig(BaseModel):
         K samples per input, summarised as mean and standard deviation maps.
     clip
         Clip the predicted x0 to [-1, 1] at every step.
+    point_estimate
+        What a prediction reports as its answer (``X``): ``"x0_probe"``, the model's x0-prediction at the
+        last timestep averaged over ``probe_draws`` noise draws (an estimate of the posterior mean, one network
+        call per draw), or ``"sample_mean"``, the mean of the K samples. For PCC and RMSE against observed
+        counts the posterior mean is the optimal answer; single samples carry Poisson-like texture.
+    probe_draws
+        Noise draws (network calls) of the x0 probe.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -86,6 +93,8 @@ class SamplerConfig(BaseModel):
     eta: float = Field(0.0, ge=0.0)
     num_samples: int = Field(1, ge=1)
     clip: bool = True
+    point_estimate: Literal["x0_probe", "sample_mean"] = "x0_probe"
+    probe_draws: int = Field(8, ge=1)
 
     @model_validator(mode="after")
     def _eta_only_for_ddim(self) -> SamplerConfig:

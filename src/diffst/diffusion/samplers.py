@@ -285,3 +285,52 @@ def sample_with_config(
     return sample_k(
         model_fn, shape, diffusion, cfg.method, cfg.steps, cfg.num_samples, generator, clip=cfg.clip, **kw
     )
+
+
+@torch.no_grad()
+def x0_probe(
+    model_fn: ModelFn,
+    shape: tuple[int, ...],
+    diffusion: GaussianDiffusion,
+    draws: int = 8,
+    generator: torch.Generator | None = None,
+    *,
+    device: torch.device | str | None = None,
+    clip: bool = True,
+) -> Tensor:
+    """Estimate the posterior mean E[x0 | conditions] from x0-predictions at the last timestep.
+
+    At t = T-1 the noisy input carries almost nothing of x0, so the model's x0-prediction there is its
+    estimate of the conditional mean; averaging over ``draws`` noise inputs removes what remains of
+    the noise. Costs one network call per draw (a sampler costs steps x K).
+
+    Parameters
+    ----------
+    model_fn
+        ``model_fn(x_t, original_t) -> prediction`` with the conditions bound.
+    shape
+        (B, N, H, W) of the batch.
+    diffusion
+        The training process.
+    draws
+        Number of noise draws averaged.
+    generator, device
+        Source of the noise, and where it lives (default: the generator's device, else CPU).
+    clip
+        Clip each x0-prediction to [-1, 1].
+
+    Returns
+    -------
+    Tensor
+        (B, N, H, W) mean x0-prediction.
+    """
+    device = device if device is not None else (generator.device if generator is not None else "cpu")
+    t = torch.full((shape[0],), diffusion.num_timesteps - 1, dtype=torch.long, device=device)
+    total = torch.zeros(shape, device=device)
+    for _ in range(draws):
+        x = torch.randn(shape, generator=generator, device=device)
+        eps, _ = diffusion.split_prediction(model_fn(x, diffusion.original_timesteps(t)), x, t)
+        x0 = diffusion.predict_x0(x, t, eps)
+        total += x0.clamp(-1.0, 1.0) if clip else x0
+    return total / draws
+

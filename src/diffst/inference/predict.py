@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from diffst.data.dataset import PreparedTiles
 from diffst.diffusion.config import SamplerConfig
 from diffst.diffusion.process import GaussianDiffusion
-from diffst.diffusion.samplers import sample_with_config
+from diffst.diffusion.samplers import sample_with_config, x0_probe
 from diffst.diffusion.target import decode_target
 from diffst.errors import InputError
 from diffst.models.base import Conditions, regress
@@ -30,8 +30,9 @@ from diffst.runs import Run, load_run
 class TilePredictions:
     """Per-tile predictions of one split, in counts per HR bin.
 
-    mean: (T, N, H, W) mean over the K samples; std: (T, N, H, W) their standard deviation
-    (zeros when K = 1); samples_model: (K, T, N, H, W) sampled HR maps in model space.
+    mean: (T, N, H, W) the point estimate: the x0-probe estimate of the posterior mean (the default,
+    ``SamplerConfig.point_estimate``), or the mean over the K samples; std: (T, N, H, W) the samples'
+    standard deviation (zeros when K = 1); samples_model: (K, T, N, H, W) sampled HR maps in model space.
     """
 
     mean: np.ndarray
@@ -81,6 +82,8 @@ def predict_tiles(
     shape_hr = (len(dataset.genes), geom.tile_hr, geom.tile_hr)
     k = 1 if regression else sampler.num_samples
     samples = np.empty((k, n, *shape_hr), dtype=np.float32)
+    # The answer (X) is the posterior-mean estimate unless the samples' mean is asked for.
+    point = None if regression or sampler.point_estimate == "sample_mean" else np.empty((n, *shape_hr), np.float32)
     desc = "Predicting (regression)" if regression else f"Sampling ({sampler.method}, {sampler.steps or 'all'} steps, K={k})"
     for b, start in enumerate(tqdm(range(0, n, batch_size), desc=desc, unit="batch", disable=not progress)):
         idx = list(range(start, min(start + batch_size, n)))
@@ -95,10 +98,14 @@ def predict_tiles(
             generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + b)
             _, _, drawn = sample_with_config(model_fn, (len(idx), *shape_hr), diffusion, sampler, generator,
                                              device=device)
+            if point is not None:
+                x0 = x0_probe(model_fn, (len(idx), *shape_hr), diffusion, sampler.probe_draws, generator,
+                              device=device, clip=sampler.clip)
+                point[start : start + len(idx)] = decode_target(x0, cond.lr, cfg.diffusion.target).float().cpu().numpy()
         hr = torch.stack([decode_target(d, cond.lr, cfg.diffusion.target) for d in drawn])
         samples[:, start : start + len(idx)] = hr.float().cpu().numpy()
     counts = dataset.normaliser.to_counts(samples)
-    mean = counts.mean(axis=0)
+    mean = counts.mean(axis=0) if point is None else dataset.normaliser.to_counts(point)
     std = counts.std(axis=0, ddof=1) if k > 1 else np.zeros_like(mean)
     return TilePredictions(mean=mean, std=std, samples_model=samples)
 
