@@ -1,4 +1,4 @@
-"""Command line: ``diffst prepare | train | predict | demo``."""
+"""Command line: ``diffst prepare | train | predict | demo | benchmark``."""
 
 from __future__ import annotations
 
@@ -286,6 +286,77 @@ def demo(
     typer.echo(f"  noise ceiling PCC {report['noise_ceiling']['pcc']:.3f}")
     typer.echo(f"Outputs in {out}: prediction_s{scale}.h5ad, metrics_s{scale}.json, comparison_s{scale}.png, "
                f"prepared_s{scale}/preview.png")
+
+
+@app.command()
+def benchmark(
+    inputs: Annotated[list[Path] | None, typer.Argument(help="Sample folders/files, read as by diffst prepare.")] = None,
+    out: Annotated[Path, typer.Option(help="Output folder: cells/, prepared/, runs/, benchmark.json/.md, figures/.")] = Path("benchmark_output"),
+    example: Annotated[bool, typer.Option(help="Use the built-in real Xenium example.")] = False,
+    platform: Annotated[str, typer.Option(help="auto, xenium, visium, visium_hd, legacy_st or anndata.")] = "auto",
+    image: Annotated[Path | None, typer.Option(help="Image file, when not found in the sample folder.")] = None,
+    pixel_size: Annotated[float | None, typer.Option(help="Image microns per pixel (else from metadata).")] = None,
+    image_origin: Annotated[str | None, typer.Option(help="x,y microns of the image's top-left corner (Xenium crops).")] = None,
+    preset: Annotated[str, typer.Option(help="Tile geometry preset: cpu or paper.")] = "cpu",
+    scales: Annotated[str, typer.Option(help="Comma-separated super-resolution factors, e.g. 5,10.")] = "10",
+    folds: Annotated[int, typer.Option(help="Region folds per sample (k >= 2).")] = 4,
+    fold_layout: Annotated[str, typer.Option(help="auto, strips (vertical) or grid.")] = "auto",
+    methods: Annotated[str, typer.Option(help="Comma-separated methods: bicubic, nearest, ridge, tesla, diffst, "
+                                               "regression, diffst-no-cam, diffst-no-graph, diffst-no-hier.")]
+    = "bicubic,nearest,ridge,tesla,diffst,regression",
+    budget: Annotated[str, typer.Option(help="Training budget of trained methods: tiny (preset tiny, 8 steps) or "
+                                              "full (preset cpu, 2000 steps).")] = "tiny",
+    n_genes: Annotated[int, typer.Option(help="Top-N genes by total counts, fixed for all folds.")] = 25,
+    genes: Annotated[str | None, typer.Option(help="Comma-separated gene list (overrides --n-genes).")] = None,
+    train_stride: Annotated[float | None, typer.Option(help="Stride (µm) between training tiles; default half a tile.")] = None,
+    min_tissue: Annotated[float, typer.Option(help="Minimum fraction of a tile that shows tissue.")] = 0.5,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Region k-fold benchmark of Diff-ST against baselines (resumable: finished cells are reused)."""
+    import logging
+
+    from diffst.atomic import check_writable_target
+    from diffst.benchmark.methods import BUDGETS, parse_methods
+    from diffst.benchmark.run import run_benchmark
+    from diffst.core.geometry import tile_preset
+    from diffst.inference.predict import resolve_device
+
+    logging.basicConfig(level=logging.WARNING)
+    _positive(folds, "--folds", 2)
+    _positive(n_genes, "--n-genes")
+    with _user_errors():
+        try:
+            scale_list = list(dict.fromkeys(int(v) for v in scales.split(",") if v.strip()))
+        except ValueError:
+            scale_list = []
+        if not scale_list:
+            raise typer.BadParameter(f"--scales needs comma-separated integers such as 5,10, got '{scales}'.")
+        for scale in scale_list:
+            tile_preset(preset, scale)
+        if budget not in BUDGETS:
+            raise typer.BadParameter(f"Unknown --budget '{budget}'; choose one of {list(BUDGETS)}.")
+        if fold_layout not in ("auto", "strips", "grid"):
+            raise typer.BadParameter(f"Unknown --fold-layout '{fold_layout}'; choose auto, strips or grid.")
+        method_list = parse_methods(methods)
+        resolve_device(device)
+        check_writable_target(out, "benchmark output")
+        if out.exists() and not out.is_dir():
+            raise typer.BadParameter(f"--out {out} is a file; the benchmark writes a folder. Give a folder path.")
+        samples = _read_inputs(inputs or [], example, platform, {
+            "image": image, "pixel_size_um": pixel_size, "image_origin_um": _floats(image_origin, 2, "--image-origin")})
+        gene_list = [g.strip() for g in genes.split(",") if g.strip()] if genes else None
+        result = run_benchmark(samples, out, preset=preset, scales=scale_list, k=folds, layout=fold_layout,
+                               methods=method_list, budget=budget, n_genes=n_genes, genes=gene_list,
+                               train_stride_um=train_stride, min_tissue=min_tissue, seed=seed, device=device)
+    for key, entry in result["summary"].items():
+        typer.echo(f"{key}: {entry['n_folds']} folds ({entry['n_folds_skipped']} skipped)")
+        for name, row in entry["methods"].items():
+            lo, hi = row["pcc_ci"]
+            typer.echo(f"  {name:16s} PCC {row['pcc']:.3f} [{lo:.3f}, {hi:.3f}]  RMSE(counts) {row['rmse_counts']:.3f}")
+        if "ceiling" in entry:
+            typer.echo(f"  noise ceiling    PCC {entry['ceiling']['pcc']:.3f}")
+    typer.echo(f"Outputs in {out}: benchmark.json, benchmark.md, figures/, cells/")
 
 
 def main() -> None:  # pragma: no cover - console entry

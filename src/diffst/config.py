@@ -261,6 +261,10 @@ class TrainConfig(BaseModel):
         Also write TensorBoard events when ``tensorboard`` is installed.
     find_unused_parameters
         Passed to DistributedDataParallel (needed only if some weights get no gradient).
+    base_run
+        A finished regression run (run folder or checkpoint folder) whose frozen prediction the diffusion
+        refines: required by ``diffusion.target: regression_residual`` and used by no other target. Its
+        checkpoint (path and step) is recorded in every checkpoint of this run, which inference reads.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -287,6 +291,12 @@ class TrainConfig(BaseModel):
     keep_last: int = Field(3, ge=1)
     tensorboard: bool = True
     find_unused_parameters: bool = False
+    base_run: str | None = None
+
+    @field_validator("base_run")
+    @classmethod
+    def _base_home(cls, path: str | None) -> str | None:
+        return None if path is None else _expand_home(path)
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -327,6 +337,17 @@ class RunConfig(BaseModel):
     run_dir: str
 
     _home = field_validator("run_dir")(_expand_home)
+
+    @model_validator(mode="after")
+    def _base_run_with_its_target(self) -> RunConfig:
+        two_stage = self.diffusion.target == "regression_residual"
+        if two_stage and self.train.base_run is None:
+            raise ValueError("diffusion.target: regression_residual needs train.base_run: the folder of a finished "
+                             "regression run (train.objective: regression)")
+        if not two_stage and self.train.base_run is not None:
+            raise ValueError(f"train.base_run is only used with diffusion.target: regression_residual, not "
+                             f"{self.diffusion.target!r}; remove it or set that target")
+        return self
 
     def model_config_resolved(self) -> ModelConfig:
         """Return the full ModelConfig of a resolved run configuration (see :func:`resolve_config`)."""
@@ -520,6 +541,8 @@ def resolve_config(cfg: RunConfig, n_genes: int, image_channels: int) -> RunConf
     data["model"] = {"preset": None, **json.loads(model_cfg.model_dump_json(exclude={"learn_sigma"}))}
     data["data"]["path"] = str(Path(cfg.data.path).expanduser().resolve())
     data["run_dir"] = str(Path(cfg.run_dir).expanduser().resolve())
+    if cfg.train.base_run is not None:
+        data["train"]["base_run"] = str(Path(cfg.train.base_run).expanduser().resolve())
     return parse_config(data, "<resolved config>")
 
 

@@ -47,6 +47,7 @@ __all__ = [
     "DatasetSpec",
     "Run",
     "load_run",
+    "load_base_run",
     "load_checkpoint",
     "read_training_state",
     "list_checkpoints",
@@ -158,6 +159,9 @@ class Run:
         ``"ema"`` or ``"model"``.
     state
         The rest of ``state.json``.
+    base
+        The frozen regression run a ``diffusion.target: regression_residual`` run refines (its checkpoint
+        is the one ``state.json`` records under ``base_run``); None for every other run.
     """
 
     model: nn.Module
@@ -169,6 +173,38 @@ class Run:
     path: Path
     weights: Literal["ema", "model"] = "ema"
     state: dict[str, Any] = field(default_factory=dict)
+    base: Run | None = None
+
+    @torch.no_grad()
+    def predict_hr(self, batch: dict[str, Any], device: str | torch.device) -> torch.Tensor:
+        """Return the model-space HR prediction of a regression run for a batch of tiles (no gradients).
+
+        The conditions are built with the run's own final entropy threshold, as at inference, so a
+        two-stage run sees the same base prediction in training and in prediction.
+
+        Parameters
+        ----------
+        batch
+            A dataset batch (``lr``, ``tissue``, ``cells``, ``cell_entropy``; the HR tile size is the run's).
+        device
+            Where the run's model is.
+
+        Returns
+        -------
+        Tensor
+            (B, N, H, W) model-space HR maps.
+        """
+        from diffst.diffusion.target import decode_target
+        from diffst.models.base import Conditions, regress
+
+        if self.config.train.objective != "regression":
+            raise InputError(f"{self.path} is a {self.config.train.objective} run; a base run must be a regression "
+                             "run (train.objective: regression)")
+        cond = Conditions.from_batch(batch, self.entropy_threshold).to(device)
+        n_genes = len(self.dataset.genes) if self.dataset is not None else int(cond.lr.shape[1])
+        tile = self.dataset.geometry.tile_hr if self.dataset is not None else int(batch["hr"].shape[-1])
+        x0 = regress(self.model, cond, (cond.lr.shape[0], n_genes, tile, tile)).prediction
+        return decode_target(x0, cond.lr, self.config.diffusion.target, None)
 
 
 # -- finding checkpoints ------------------------------------------------------------------------------
@@ -458,9 +494,56 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", ema: bool = T
     _load(folder, WEIGHTS[weights], lambda p: model.load_state_dict(load_file(p, device="cpu")))
     model.to(device).eval()
     spec = state.get("dataset")
+    base = None
+    if config.diffusion.target == "regression_residual":
+        recorded = state.get("base_run")
+        if not isinstance(recorded, dict) or "path" not in recorded:
+            raise _damaged(folder, STATE, "records no base_run (the regression run this two-stage run refines)")
+        base = load_base_run(recorded["path"], device, expected_step=recorded.get("step"), user=folder)
     return Run(model=model, config=config, dataset=DatasetSpec.from_dict(spec) if spec else None,
                coexpression=_coexpression(model), entropy_threshold=state.get("entropy_threshold_final"),
-               step=state["step"], path=folder, weights=weights, state=state)
+               step=state["step"], path=folder, weights=weights, state=state, base=base)
+
+
+def load_base_run(path: str | Path, device: str | torch.device = "cpu", *, expected_step: int | None = None,
+                  user: str | Path | None = None) -> Run:
+    """Load the frozen regression run a two-stage run (``diffusion.target: regression_residual``) refines.
+
+    Parameters
+    ----------
+    path
+        The base run: a run folder (its latest checkpoint) or a checkpoint folder.
+    device
+        Where to put its model.
+    expected_step
+        The step of the checkpoint the two-stage run recorded; another step is an error.
+    user
+        The run or checkpoint that needs the base (named in error messages).
+
+    Returns
+    -------
+    Run
+        The base run (EMA weights, eval mode, gradients off).
+
+    Raises
+    ------
+    InputError
+        If the base run is missing, damaged, not a regression run, itself a two-stage run or at another step.
+    """
+    needed = f" (needed by {user})" if user is not None else ""
+    if not Path(path).exists():
+        raise InputError(f"base run {path} does not exist{needed}; train the regression run first "
+                         "(train.objective: regression) and set train.base_run to its folder")
+    base = load_run(path, device)
+    if base.config.train.objective != "regression" or base.config.diffusion.target == "regression_residual":
+        raise InputError(f"base run {base.path}{needed} is not a plain regression run (its train.objective is "
+                         f"{base.config.train.objective!r}, diffusion.target {base.config.diffusion.target!r}); "
+                         "train.base_run must name a run trained with train.objective: regression")
+    if expected_step is not None and base.step != int(expected_step):
+        raise InputError(f"base run checkpoint {base.path}{needed} is at step {base.step}, but the two-stage run was "
+                         f"trained on step {expected_step}")
+    base.model.requires_grad_(False)
+    return base
 
 
 def load_checkpoint(

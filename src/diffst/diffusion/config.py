@@ -40,7 +40,9 @@ class DiffusionConfig(BaseModel):
         8-bit data, but its value is a density, not a probability, so it can be negative).
     target
         What x0 is: ``"hr"`` (the HR maps, the paper's formulation) or ``"residual"`` (HR minus the LR
-        interpolated onto the HR grid, halved; see :mod:`diffst.diffusion.target`).
+        interpolated onto the HR grid, halved; see :mod:`diffst.diffusion.target`) or
+        ``"regression_residual"`` (HR minus the prediction of the regression run ``train.base_run``, halved:
+        CorrDiff's two stages).
     parameterization
         What the first N output channels mean: ``"eps"`` (the noise, the paper's choice) or ``"v"`` (the
         velocity sqrt(abar) eps - sqrt(1 - abar) x0, trained with the same loss on v). v stays well
@@ -58,7 +60,7 @@ class DiffusionConfig(BaseModel):
     eps_loss_reduction: Literal["mean", "sum"] = "mean"
     charbonnier_eps: float = Field(1e-3, gt=0.0)
     decoder_nll: Literal["discretized", "gaussian"] = "discretized"
-    target: Literal["hr", "residual"] = "residual"
+    target: Literal["hr", "residual", "regression_residual"] = "residual"
     parameterization: Literal["eps", "v"] = "eps"
 
 

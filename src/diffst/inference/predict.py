@@ -89,6 +89,8 @@ def predict_tiles(
         idx = list(range(start, min(start + batch_size, n)))
         batch = torch.utils.data.default_collate([dataset[i] for i in idx])
         cond = Conditions.from_batch(batch, run.entropy_threshold).to(device)
+        # A two-stage run's samples are residuals over its frozen regression run's prediction.
+        base = run.base.predict_hr(batch, device) if run.base is not None else None
         if regression:
             drawn = regress(model, cond, (len(idx), *shape_hr)).prediction[None]
         else:
@@ -101,8 +103,8 @@ def predict_tiles(
             if point is not None:
                 x0 = x0_probe(model_fn, (len(idx), *shape_hr), diffusion, sampler.probe_draws, generator,
                               device=device, clip=sampler.clip)
-                point[start : start + len(idx)] = decode_target(x0, cond.lr, cfg.diffusion.target).float().cpu().numpy()
-        hr = torch.stack([decode_target(d, cond.lr, cfg.diffusion.target) for d in drawn])
+                point[start : start + len(idx)] = decode_target(x0, cond.lr, cfg.diffusion.target, base).float().cpu().numpy()
+        hr = torch.stack([decode_target(d, cond.lr, cfg.diffusion.target, base) for d in drawn])
         samples[:, start : start + len(idx)] = hr.float().cpu().numpy()
     counts = dataset.normaliser.to_counts(samples)
     mean = counts.mean(axis=0) if point is None else dataset.normaliser.to_counts(point)

@@ -39,7 +39,7 @@ from diffst.config import ConfigError, RunConfig, resolve_config, save_config
 from diffst.core.curriculum import curriculum_threshold
 from diffst.errors import InputError, TrainingInterrupted
 from diffst.models.graph import coexpression_matrix
-from diffst.runs import DatasetSpec, checkpoint_folder, latest_checkpoint
+from diffst.runs import DatasetSpec, Run, checkpoint_folder, latest_checkpoint, load_base_run
 from diffst.training.checkpoint import Checkpointer, clean_temporary, run_lock
 from diffst.training.data import (
     STREAM_NOISE,
@@ -179,7 +179,8 @@ class Trainer:
         self.total = cfg.train.steps if cfg.train.steps is not None else cfg.train.epochs * spe
         self.gamma_final = self._gamma(1.0)
         self.state = TrainState.create(self.rcfg, coexpression, self.accelerator, checkpoint)
-        self.objective = make_objective(self.rcfg)
+        self.base = self._base_run(checkpoint)
+        self.objective = make_objective(self.rcfg, self.base)
         self.view = SeededTiles(self.train_ds, cfg.seed)
         self.info = {
             "world_size": self.world, "device": str(self.device),
@@ -188,6 +189,8 @@ class Trainer:
             "effective_batch_size": cfg.data.batch_size * self.world, "validation": val_note,
             "started_at_step": self.state.step, "n_parameters": sum(p.numel() for p in self.state.model.parameters()),
         }
+        if self.base is not None:
+            self.info["base_run"] = self._base_record()
         val_cols = val_columns(tuple(self.objective.val_terms)) if self.val_ds is not None else None
         self.metrics = MetricsLogger(self.run_dir, metric_columns(self.objective.terms), val_cols,
                                      self.state.step if checkpoint is not None else None,
@@ -207,6 +210,26 @@ class Trainer:
         if checkpoint is not None:
             _check_resume_config(checkpoint["config"], self.rcfg)
         return checkpoint
+
+    def _base_run(self, checkpoint: dict[str, Any] | None) -> Run | None:
+        """Load the frozen regression run of a two-stage run (on resume: the checkpoint it recorded), or None."""
+        if self.rcfg.diffusion.target != "regression_residual":
+            return None
+        recorded = (checkpoint or {}).get("state", {}).get("base_run")
+        if recorded:
+            base = load_base_run(recorded["path"], self.device, expected_step=recorded["step"], user=self.run_dir)
+        else:
+            base = load_base_run(self.rcfg.train.base_run, self.device, user=self.run_dir)
+        spec = base.dataset
+        if spec is not None and (spec.genes != self.spec.genes or spec.normaliser != self.spec.normaliser
+                                 or spec.geometry.scale != self.spec.geometry.scale
+                                 or spec.geometry.tile_hr != self.spec.geometry.tile_hr):
+            raise InputError(f"base run {base.path} was trained on other genes, normalisation or tile geometry than "
+                             f"{self.cfg.data.path}; train the regression run on the same prepared dataset")
+        return base
+
+    def _base_record(self) -> dict[str, Any]:
+        return {"path": str(self.base.path), "step": self.base.step}
 
     def _finish(self) -> None:
         sums = self.accelerator.gather(
@@ -291,6 +314,8 @@ class Trainer:
                 # What inference needs to put new data into this model's space and back to counts.
                 "dataset": self.spec.to_dict(),
             }
+            if self.base is not None:
+                state["base_run"] = self._base_record()  # the frozen regression run (load_run reads it)
             path = self.checkpointer.save(st.step, model=st.model, ema_state=st.ema.state_dict(),
                                           optimizer=st.optimizer, state=state, config=self.rcfg)
             log.info("checkpoint %s", path)

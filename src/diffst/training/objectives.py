@@ -19,6 +19,7 @@ from diffst.config import RunConfig
 from diffst.diffusion.process import GaussianDiffusion
 from diffst.diffusion.target import TargetKind, encode_target
 from diffst.models.base import Conditions, regress
+from diffst.runs import Run
 
 __all__ = ["Objective", "DiffusionObjective", "RegressionObjective", "make_objective"]
 
@@ -36,10 +37,15 @@ class Objective(Protocol):
 
 
 def _inputs(batch: Mapping[str, Tensor], entropy_threshold: float | None, target: TargetKind,
-            device: torch.device) -> tuple[Tensor, Conditions]:
-    """Return the target x0 and the conditions of a batch, on ``device``."""
+            device: torch.device, base: Run | None = None) -> tuple[Tensor, Conditions]:
+    """Return the target x0 and the conditions of a batch, on ``device``.
+
+    With a base run (``regression_residual``) its frozen prediction is computed from the same (augmented)
+    batch, without gradients.
+    """
     cond = Conditions.from_batch(batch, entropy_threshold).to(device, non_blocking=True)
-    return encode_target(batch["hr"].to(device, non_blocking=True), cond.lr, target), cond
+    prior = base.predict_hr(batch, device) if base is not None else None
+    return encode_target(batch["hr"].to(device, non_blocking=True), cond.lr, target, prior), cond
 
 
 class DiffusionObjective:
@@ -54,21 +60,24 @@ class DiffusionObjective:
         The diffusion process (its ``cfg.target`` says what x0 is).
     aux_weight
         Weight of the model's auxiliary losses (``train.disentangle_weight``).
+    base
+        The frozen regression run whose prediction x0 is the residual over (``regression_residual``).
     """
 
     terms = ("diffusion_loss", "eps_mse", "vlb", "disentangle")
     val_terms = {"loss": "diffusion_loss", "eps_mse": "eps_mse", "vlb": "vlb"}
 
-    def __init__(self, diffusion: GaussianDiffusion, aux_weight: float):
+    def __init__(self, diffusion: GaussianDiffusion, aux_weight: float, base: Run | None = None):
         self.diffusion = diffusion
         self.aux_weight = aux_weight
+        self.base = base
 
     def __call__(self, model, batch, entropy_threshold, generator, device):
         """See :class:`Objective`."""
         hr = batch["hr"]
         t = self.diffusion.sample_timesteps(hr.shape[0], generator=generator)
         noise = torch.randn(hr.shape, generator=generator, dtype=hr.dtype)
-        x0, cond = _inputs(batch, entropy_threshold, self.diffusion.cfg.target, device)
+        x0, cond = _inputs(batch, entropy_threshold, self.diffusion.cfg.target, device, self.base)
         terms = self.diffusion.training_losses(model, x0, t.to(device), noise=noise.to(device), model_kwargs=cond)
         terms["diffusion_loss"] = terms.pop("loss")
         return _with_aux(terms["diffusion_loss"], terms, self.aux_weight)
@@ -83,21 +92,24 @@ class RegressionObjective:
     Parameters
     ----------
     target
-        What x0 is: ``"hr"`` or ``"residual"`` (``diffusion.target``).
+        What x0 is (``diffusion.target``).
     aux_weight
         Weight of the model's auxiliary losses (``train.disentangle_weight``).
+    base
+        The frozen regression run of a ``regression_residual`` target.
     """
 
     terms = ("mse", "disentangle")
     val_terms = {"loss": "mse"}
 
-    def __init__(self, target: TargetKind, aux_weight: float):
+    def __init__(self, target: TargetKind, aux_weight: float, base: Run | None = None):
         self.target = target
         self.aux_weight = aux_weight
+        self.base = base
 
     def __call__(self, model, batch, entropy_threshold, generator, device):
         """See :class:`Objective` (``generator`` is unused: the objective draws nothing)."""
-        x0, cond = _inputs(batch, entropy_threshold, self.target, device)
+        x0, cond = _inputs(batch, entropy_threshold, self.target, device, self.base)
         out = regress(model, cond, tuple(x0.shape))
         mse = F.mse_loss(out.prediction, x0)
         return _with_aux(mse, {"mse": mse, **out.aux_losses}, self.aux_weight)
@@ -109,13 +121,16 @@ def _with_aux(loss: Tensor, terms: dict[str, Tensor], weight: float) -> tuple[Te
     return loss, terms
 
 
-def make_objective(cfg: RunConfig) -> DiffusionObjective | RegressionObjective:
+def make_objective(cfg: RunConfig, base: Run | None = None) -> DiffusionObjective | RegressionObjective:
     """Make the objective ``cfg.train.objective`` names, set up from ``cfg``.
 
     Parameters
     ----------
     cfg
         The run configuration (``train.objective``, ``train.disentangle_weight``, ``diffusion``).
+    base
+        The loaded frozen regression run (:func:`diffst.runs.load_base_run`) of a ``regression_residual``
+        target; None otherwise.
 
     Returns
     -------
@@ -123,5 +138,5 @@ def make_objective(cfg: RunConfig) -> DiffusionObjective | RegressionObjective:
     """
     weight = cfg.train.disentangle_weight
     if cfg.train.objective == "regression":
-        return RegressionObjective(cfg.diffusion.target, weight)
-    return DiffusionObjective(GaussianDiffusion(cfg.diffusion), weight)
+        return RegressionObjective(cfg.diffusion.target, weight, base)
+    return DiffusionObjective(GaussianDiffusion(cfg.diffusion), weight, base)

@@ -1,0 +1,211 @@
+"""Summary of the benchmark cells: pooled metrics with bootstrap intervals, ceiling, tables and figures."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diffst.benchmark.methods import ABLATIONS, METHODS
+
+METRICS = ("pcc", "pcc_pooled", "rmse_counts", "mae_counts", "ssim")
+PAPER_METRICS = ("paper_abs_pcc", "paper_rmse")
+
+
+def _nanmean(values, axis=None, weights=None):
+    v = np.asarray(values, dtype=np.float64)
+    if weights is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.nanmean(v, axis=axis)
+    w = np.broadcast_to(np.asarray(weights, dtype=np.float64).reshape(-1, *([1] * (v.ndim - 1))), v.shape)
+    ok = np.isfinite(v)
+    total = np.where(ok, w, 0).sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, np.where(ok, v * w, 0).sum(axis=0) / np.where(total > 0, total, 1), np.nan)
+
+
+def _floats(values) -> np.ndarray:
+    return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+
+
+def summarise(result: dict[str, Any], seed: int = 0) -> dict[str, Any]:
+    """Pool the cells of each scale and method over folds.
+
+    Each metric is the tile-weighted mean of the fold metrics (RMSE: root of the pooled mean squared error);
+    ``pcc_ci`` is the percentile bootstrap 95 % interval of the mean per-tile PCC over the test tiles of all
+    folds; ``gap_closed`` is ``(pcc - bicubic) / (ceiling - bicubic)``.
+    """
+    from diffst.evaluation.ceiling import summarise_ceiling
+    from diffst.evaluation.metrics import bootstrap_interval
+
+    genes = result["setup"]["genes"]
+    summary: dict[str, Any] = {}
+    for scale in result["setup"]["scales"]:
+        cells = [c for c in result["cells"] if c["scale"] == scale]
+        folds = [f for f in result["folds"] if f["scale"] == scale and f["status"] == "ok"]
+        if not cells:
+            continue
+        entry: dict[str, Any] = {"n_folds": len(folds), "n_folds_skipped": sum(
+            f["status"] != "ok" for f in result["folds"] if f["scale"] == scale), "methods": {}}
+        ceiling_rows = [(f["ceiling_per_gene"], f["n_test_tiles"]) for f in folds if "ceiling_per_gene" in f]
+        ceiling = None
+        if ceiling_rows:
+            per_gene = _nanmean([_floats(r) for r, _ in ceiling_rows], axis=0, weights=[n for _, n in ceiling_rows])
+            entry["ceiling"] = {**summarise_ceiling(per_gene, genes), "per_gene": per_gene.tolist()}
+            ceiling = entry["ceiling"]["pcc"]
+        for method in [m for m in METHODS if any(c["method"] == m for c in cells)]:
+            mine = [c for c in cells if c["method"] == method]
+            n = [c["n_test_tiles"] for c in mine]
+            row: dict[str, Any] = {"n_tiles": int(sum(n)), "n_folds": len(mine)}
+            for key in (*METRICS, *PAPER_METRICS):
+                vals = _floats([c["metrics"].get(key) for c in mine])
+                if key == "rmse_counts":
+                    row[key] = float(np.sqrt(_nanmean(vals**2, weights=n)))
+                else:
+                    row[key] = float(_nanmean(vals, weights=n))
+            per_tile = np.concatenate([_floats(c["per_tile_pcc"]) for c in mine])
+            row["pcc_ci"] = list(bootstrap_interval(per_tile, seed=seed))
+            mse = np.concatenate([_floats(c["per_tile_mse"]) for c in mine])
+            lo, hi = bootstrap_interval(mse, seed=seed)
+            row["rmse_counts_ci"] = [float(np.sqrt(lo)), float(np.sqrt(hi))]
+            row["per_gene_pcc"] = _nanmean([_floats(c["per_gene_pcc"]) for c in mine], axis=0, weights=n).tolist()
+            row["seconds"] = float(sum(c.get("seconds", 0.0) for c in mine))
+            entry["methods"][method] = row
+        base = entry["methods"].get("bicubic", {}).get("pcc")
+        for row in entry["methods"].values():
+            gap = None
+            if ceiling is not None and base is not None and np.isfinite(ceiling) and abs(ceiling - base) > 1e-12:
+                gap = (row["pcc"] - base) / (ceiling - base)
+            row["gap_closed"] = gap
+        summary[f"s{scale}"] = entry
+    return summary
+
+
+def _fmt(v, digits: int = 3) -> str:
+    return "–" if v is None or not np.isfinite(v) else f"{v:.{digits}f}"
+
+
+def _ci(row: dict, key: str) -> str:
+    lo, hi = row.get(f"{key}_ci", (None, None))
+    return f"{_fmt(row[key])} [{_fmt(lo)}, {_fmt(hi)}]"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """``benchmark.md``: Table 1 (methods x scales x metrics) and Table 2 (Diff-ST ablations)."""
+    setup, summary = result["setup"], result["summary"]
+    lines = [
+        "# Diff-ST benchmark", "",
+        f"Samples {', '.join(setup['samples'])}; `{setup['preset']}` tiles; {setup['k']} region folds per sample "
+        f"({setup['layout']} layout); {len(setup['genes'])} genes; budget `{setup['budget']}` "
+        f"(preset `{setup['budget_preset']}`); seed {setup['seed']}.",
+        "Metrics pooled over the test tiles of all folds; brackets: bootstrap 95 % interval over test tiles. "
+        "PCC is the signed Pearson r per tile and gene; RMSE / MAE in counts per HR bin; gap closed = "
+        "(PCC − bicubic) / (ceiling − bicubic). Paper protocol (per-map min-max, |r|) in its own columns.", "",
+        "## Table 1: methods", "",
+        "| scale | method | tiles | PCC [95 % CI] | pooled PCC | RMSE [95 % CI] | MAE | SSIM | gap closed "
+        "| paper |PCC| | paper RMSE |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, entry in summary.items():
+        for method, row in entry["methods"].items():
+            lines.append(f"| {key} | {method} | {row['n_tiles']} | {_ci(row, 'pcc')} | {_fmt(row['pcc_pooled'])} | "
+                         f"{_ci(row, 'rmse_counts')} | {_fmt(row['mae_counts'])} | {_fmt(row['ssim'])} | "
+                         f"{_fmt(row['gap_closed'], 2)} | {_fmt(row['paper_abs_pcc'])} | {_fmt(row['paper_rmse'])} |")
+        if "ceiling" in entry:
+            c = entry["ceiling"]
+            lines.append(f"| {key} | noise ceiling | | {_fmt(c['pcc'])} | | | | | 1 | | |")
+    notes = []
+    for key, entry in summary.items():
+        skipped = entry.get("ceiling", {}).get("n_genes_skipped")
+        if skipped:
+            notes.append(f"{key}: the ceiling skips {skipped} gene(s) without counts in the test tiles.")
+        if entry["n_folds_skipped"]:
+            notes.append(f"{key}: {entry['n_folds_skipped']} fold(s) skipped (reasons in benchmark.json).")
+    lines += ["", *notes, "", "## Table 2: Diff-ST ablations", ""]
+    ablations = [(key, m, entry["methods"][m]) for key, entry in summary.items() for m in ABLATIONS
+                 if m in entry["methods"]]
+    if ablations:
+        lines += ["| scale | variant | PCC [95 % CI] | RMSE [95 % CI] | SSIM | gap closed |", "|---|---|---|---|---|---|"]
+        lines += [f"| {key} | {m} | {_ci(row, 'pcc')} | {_ci(row, 'rmse_counts')} | {_fmt(row['ssim'])} | "
+                  f"{_fmt(row['gap_closed'], 2)} |" for key, m, row in ablations]
+    else:
+        lines.append("No Diff-ST variant was run (add diffst, diffst-no-cam, diffst-no-graph, diffst-no-hier to --methods).")
+    skipped = [f for f in result["folds"] if f["status"] != "ok"]
+    if skipped:
+        lines += ["", "## Skipped folds", ""] + [f"- s{f['scale']} {f['fold']}: {f['reason']}" for f in skipped]
+    return "\n".join(lines) + "\n"
+
+
+def _save(fig, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from diffst.atomic import atomic_output
+
+    FigureCanvasAgg(fig)
+    with atomic_output(path, directory=False) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+
+
+def plot_metrics(entry: dict[str, Any], scale_key: str, path: Path) -> None:
+    """Bars of PCC, RMSE and SSIM per method with bootstrap whiskers; ceiling as a line on PCC."""
+    from matplotlib.figure import Figure
+
+    names = list(entry["methods"])
+    fig = Figure(figsize=(3.2 * 3, 3.4))
+    for ax, key, label in zip(fig.subplots(1, 3), ("pcc", "rmse_counts", "ssim"),
+                              ("signed PCC", "RMSE (counts)", "SSIM"), strict=True):
+        vals = np.array([entry["methods"][m][key] for m in names], dtype=np.float64)
+        yerr = None
+        if f"{key}_ci" in entry["methods"][names[0]]:
+            ci = np.array([[np.nan if v is None else v for v in entry["methods"][m][f"{key}_ci"]] for m in names])
+            yerr = np.nan_to_num(np.abs(ci - vals[:, None]).T)
+        ax.bar(range(len(names)), vals, yerr=yerr, capsize=3, color="tab:blue")
+        if key == "pcc" and "ceiling" in entry:
+            ax.axhline(entry["ceiling"]["pcc"], color="k", ls="--", lw=1, label="noise ceiling")
+            ax.legend(fontsize=7)
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+        ax.set_title(f"{label}, {scale_key}", fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_per_gene(entry: dict[str, Any], genes: list[str], scale_key: str, path: Path) -> None:
+    """Per-gene PCC of each method (y) against bicubic (x); points above the diagonal beat bicubic."""
+    from matplotlib.figure import Figure
+
+    others = [m for m in entry["methods"] if m != "bicubic"]
+    base = np.array(entry["methods"]["bicubic"]["per_gene_pcc"], dtype=np.float64)
+    fig = Figure(figsize=(3.2 * max(len(others), 1), 3.3))
+    axes = np.atleast_1d(fig.subplots(1, max(len(others), 1)))
+    for ax, m in zip(axes, others, strict=False):
+        y = np.array(entry["methods"][m]["per_gene_pcc"], dtype=np.float64)
+        ax.scatter(base, y, s=12)
+        lo = np.nanmin(np.concatenate([base, y, [0.0]]))
+        hi = np.nanmax(np.concatenate([base, y, [1.0]]))
+        ax.plot([lo, hi], [lo, hi], color="k", lw=0.8, ls="--")
+        ax.set_xlabel("bicubic PCC per gene", fontsize=8)
+        ax.set_ylabel(f"{m} PCC per gene", fontsize=8)
+        ax.set_title(f"{m} vs bicubic, {scale_key} ({len(genes)} genes)", fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def write_report(out: str | Path, result: dict[str, Any]) -> dict[str, Path]:
+    """Write ``benchmark.json``, ``benchmark.md`` and ``figures/`` (metrics and per-gene PCC per scale)."""
+    from diffst.atomic import atomic_output
+    from diffst.benchmark.run import write_json
+
+    out = Path(out)
+    paths = {"json": out / "benchmark.json", "md": out / "benchmark.md"}
+    write_json(paths["json"], result)
+    with atomic_output(paths["md"], directory=False) as tmp:
+        tmp.write_text(markdown(result))
+    for key, entry in result["summary"].items():
+        paths[f"metrics_{key}"] = out / "figures" / f"metrics_{key}.png"
+        plot_metrics(entry, key, paths[f"metrics_{key}"])
+        paths[f"per_gene_{key}"] = out / "figures" / f"per_gene_pcc_{key}.png"
+        plot_per_gene(entry, result["setup"]["genes"], key, paths[f"per_gene_{key}"])
+    return paths

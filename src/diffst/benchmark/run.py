@@ -1,0 +1,252 @@
+"""Run the region k-fold benchmark: prepare folds, run methods, store one JSON cell per (scale, fold, method).
+
+Layout of the output folder::
+
+    prepared/s<scale>/<sample>_fold<i>/     prepared fold datasets (reused)
+    runs/s<scale>/<sample>_fold<i>/<method>-<budget>-seed<seed>/   training runs (resumed / reused)
+    cells/s<scale>/<sample>_fold<i>/<method>.json   one result per cell, written atomically (reused)
+    cells/s<scale>/<sample>_fold<i>/_fold.json      the fold's status (skipped folds say why)
+    cells/s<scale>/<sample>_fold<i>/_ceiling.json   split-half noise ceiling of the fold's test tiles
+    benchmark.json, benchmark.md, figures/          summary (:mod:`diffst.benchmark.report`)
+
+A cell is reused when its ``setup`` (geometry, scale, folds, genes, budget, seed, strides) matches the
+current run; otherwise it is computed again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from diffst.atomic import atomic_output
+from diffst.benchmark.folds import Fold, make_folds
+from diffst.benchmark.methods import BUDGETS, LEARNED, METHODS, predict_method
+from diffst.core.sample import Sample
+from diffst.errors import InputError
+
+log = logging.getLogger("diffst.benchmark")
+
+
+def clean_json(value: Any) -> Any:
+    """Make ``value`` strict JSON: NaN / inf become None, numpy scalars and arrays plain Python."""
+    if isinstance(value, dict):
+        return {str(k): clean_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean_json(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return clean_json(value.tolist())
+    if isinstance(value, (np.floating, float)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as strict JSON, atomically (old complete file or new complete file)."""
+    with atomic_output(path, directory=False) as tmp:
+        tmp.write_text(json.dumps(clean_json(data), indent=1))
+
+
+def read_json(path: Path) -> Any | None:
+    """Read a JSON file; None when it is missing or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _cell_metrics(pred: np.ndarray, truth: np.ndarray, normaliser) -> dict[str, Any]:
+    """Metrics of one cell, plus the per-tile and per-gene PCC the summary pools across folds."""
+    from diffst.evaluation.metrics import evaluate_maps, pearson_per_map
+
+    if not np.isfinite(pred).all():
+        raise InputError("a method produced non-finite predictions; its cell is not written.")
+    r = pearson_per_map(np.asarray(pred, dtype=np.float64), np.asarray(truth, dtype=np.float64))  # (T, N)
+    with _quiet():
+        per_tile = np.nanmean(r, axis=1)
+        per_gene = np.nanmean(r, axis=0)
+    per_tile_mse = ((np.asarray(pred, np.float64) - truth) ** 2).reshape(len(pred), -1).mean(axis=1)
+    return {"metrics": evaluate_maps(pred, truth, normaliser), "per_tile_pcc": per_tile,
+            "per_tile_mse": per_tile_mse, "per_gene_pcc": per_gene}
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence numpy's warnings about all-NaN slices (genes without counts in a tile)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
+
+
+def _prepare_fold(sample: Sample, fold: Fold, geometry, path: Path, genes: list[str], train_stride_um: float | None,
+                  min_tissue: float) -> dict[str, Any]:
+    """Prepare (or reuse) one fold's dataset; returns its status (``ok`` or ``skipped`` with a reason)."""
+    from diffst.data.prepare import SplitSpec, is_prepared_dataset, load_meta, prepare_dataset
+    from diffst.errors import GeometryError
+
+    split = SplitSpec(test_region=fold.region, train_stride_um=train_stride_um)
+    meta = load_meta(path) if is_prepared_dataset(path) else None
+    fresh = meta is None or meta["genes"] != genes or meta["split"] != json.loads(split.model_dump_json()) \
+        or meta["geometry"] != geometry.to_dict() or meta["min_tissue_fraction"] != min_tissue
+    if fresh:
+        try:
+            prepare_dataset([sample], path, geometry, genes=genes, split=split, min_tissue_fraction=min_tissue,
+                            overwrite=meta is not None, progress=False, preview=False)
+        except (InputError, GeometryError) as exc:
+            return {"status": "skipped", "reason": str(exc)}
+        meta = load_meta(path)
+    n = meta["n_tiles"]
+    if not n.get("train") or not n.get("test"):
+        return {"status": "skipped", "reason": f"{n.get('train', 0)} train and {n.get('test', 0)} test tiles "
+                                               f"with at least {min_tissue:.0%} tissue"}
+    return {"status": "ok", "n_train_tiles": n["train"], "n_test_tiles": n["test"]}
+
+
+def run_benchmark(
+    samples: Sequence[Sample],
+    out: str | Path,
+    *,
+    preset: str = "cpu",
+    scales: Sequence[int] = (10,),
+    k: int = 4,
+    layout: str = "auto",
+    methods: Sequence[str] = ("bicubic", "ridge", "diffst"),
+    budget: str = "tiny",
+    n_genes: int = 25,
+    genes: Sequence[str] | None = None,
+    train_stride_um: float | None = None,
+    min_tissue: float = 0.5,
+    seed: int = 0,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run (or resume) the benchmark and write its cells, ``benchmark.json``, ``benchmark.md`` and figures.
+
+    Parameters
+    ----------
+    samples
+        Raw samples (:func:`diffst.io.read_sample`); each is cross-validated on its own folds.
+    out
+        Output folder (layout in this module's docstring).
+    preset, scales
+        Tile geometry preset (``cpu`` or ``paper``) and super-resolution factors.
+    k, layout
+        Number of region folds per sample and their layout (:func:`~diffst.benchmark.folds.grid_regions`).
+    methods
+        Names from :data:`~diffst.benchmark.methods.METHODS`; ``bicubic`` is always added (the reference
+        of the gap closed).
+    budget
+        ``tiny`` or ``full`` training budget of the trained methods.
+    n_genes, genes
+        The genes: a given list, else the top ``n_genes`` by total counts over all samples, fixed for all
+        folds so that methods and folds are compared on the same genes.
+    train_stride_um, min_tissue
+        Stride of training tiles (default half a tile) and the minimum tissue fraction of a tile.
+    seed, device
+        Seed of training, prediction and the ceiling; torch device of the trained methods.
+    progress
+        Show a progress bar over cells.
+
+    Returns
+    -------
+    dict
+        The content of ``benchmark.json``: ``setup``, ``folds``, ``cells`` and ``summary``.
+    """
+    from diffst.benchmark.report import summarise, write_report
+    from diffst.core.geometry import tile_preset
+    from diffst.data.dataset import PreparedTiles
+    from diffst.data.prepare import select_genes
+
+    if budget not in BUDGETS:
+        raise InputError(f"Unknown budget '{budget}'; choose one of {list(BUDGETS)}.")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise InputError(f"Unknown method(s) {unknown}; choose from {', '.join(METHODS)}.")
+    methods = list(dict.fromkeys(["bicubic", *methods]))
+    out = Path(out)
+    gene_list = select_genes(samples, n_genes, genes)
+    by_name = {s.name: s for s in samples}
+    has_points = all(s.has_points for s in samples)
+    all_cells, fold_rows = [], []
+    geometries = {scale: tile_preset(preset, scale) for scale in scales}
+    plan = [(scale, fold) for scale in scales for fold in make_folds(samples, geometries[scale], k, layout)]
+    bar = tqdm(total=len(plan) * len(methods), desc="Benchmark cells", unit="cell", disable=not progress)
+    for scale, fold in plan:
+        geom = geometries[scale]
+        setup = {"preset": preset, "scale": scale, "k": k, "layout": layout, "region": list(fold.region),
+                 "cell": list(fold.cell), "genes": gene_list, "budget": budget, "seed": seed, "train_stride_um": train_stride_um,
+                 "min_tissue": min_tissue}
+        cell_dir = out / "cells" / f"s{scale}" / fold.name
+        data_path = out / "prepared" / f"s{scale}" / fold.name
+        fold_file = cell_dir / "_fold.json"
+        status = read_json(fold_file)
+        cached = {m: read_json(cell_dir / f"{m}.json") for m in methods}
+        cached = {m: c for m, c in cached.items() if c and c.get("setup") == setup}
+        if not (status and status.get("setup") == setup and (status["status"] == "skipped" or len(cached) == len(methods))):
+            status = {**_prepare_fold(by_name[fold.sample], fold, geom, data_path, gene_list, train_stride_um,
+                                      min_tissue), "setup": setup}
+            write_json(fold_file, status)
+        fold_rows.append({"scale": scale, "fold": fold.name, "sample": fold.sample, "index": fold.index,
+                          "cell": list(fold.cell), "region": list(fold.region), **{k_: v for k_, v in status.items() if k_ != "setup"}})
+        if status["status"] == "skipped":
+            log.warning("fold %s at s=%d skipped: %s", fold.name, scale, status["reason"])
+            bar.update(len(methods))
+            continue
+        test = None
+        if has_points:
+            ceiling_file = cell_dir / "_ceiling.json"
+            ceiling = read_json(ceiling_file)
+            if not (ceiling and ceiling.get("setup") == setup):
+                from diffst.evaluation.ceiling import split_half_ceiling
+
+                test = PreparedTiles(data_path, "test")
+                origins = list(zip(test.tiles["x0_um"], test.tiles["y0_um"], strict=True))
+                with _quiet():
+                    per_gene = split_half_ceiling(by_name[fold.sample], gene_list, origins, geom.hr_bin_um,
+                                                  geom.tile_hr, seed=seed)
+                ceiling = {"setup": setup, "per_gene": per_gene, "n_test_tiles": len(origins)}
+                write_json(ceiling_file, ceiling)
+            fold_rows[-1]["ceiling_per_gene"] = ceiling["per_gene"]
+        for method in methods:
+            bar.set_postfix_str(f"s{scale} {fold.name} {method}")
+            cell = cached.get(method)
+            if cell is None:
+                if test is None:
+                    test = PreparedTiles(data_path, "test")
+                run_dir = out / "runs" / f"s{scale}" / fold.name / f"{method}-{budget}-seed{seed}"
+                start = time.perf_counter()
+                pred = predict_method(method, data_path, run_dir=run_dir if method in LEARNED else None,
+                                      budget=budget, seed=seed, device=device)
+                truth = np.asarray(test.hr_counts)
+                cell = {"setup": setup, "scale": scale, "fold": fold.name, "sample": fold.sample, "method": method,
+                        "n_test_tiles": len(truth), "tile_ids": list(test.tiles["tile_id"]), "genes": gene_list,
+                        **_cell_metrics(pred, truth, test.normaliser),
+                        "seconds": round(time.perf_counter() - start, 2)}
+                write_json(cell_dir / f"{method}.json", cell)
+                cell = read_json(cell_dir / f"{method}.json")
+            all_cells.append(cell)
+            bar.update(1)
+    bar.close()
+    if not all_cells:
+        raise InputError("Every fold was skipped (see the reasons above): no fold left both train and test tiles. "
+                         "Use fewer folds (--folds), another --fold-layout, a smaller --preset or a lower --min-tissue.")
+    result = {"setup": {"preset": preset, "scales": list(scales), "k": k, "layout": layout, "methods": methods,
+                        "budget": budget, "budget_preset": BUDGETS[budget], "seed": seed, "genes": gene_list,
+                        "samples": [s.name for s in samples], "train_stride_um": train_stride_um,
+                        "min_tissue": min_tissue},
+              "folds": fold_rows, "cells": [{k_: v for k_, v in c.items() if k_ != "setup"} for c in all_cells]}
+    result["summary"] = summarise(result, seed=seed)
+    write_report(out, result)
+    return result
+

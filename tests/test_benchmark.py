@@ -1,0 +1,136 @@
+"""``diffst benchmark``: region folds, a tiny cross-validated run on the built-in example, resume, CLI checks."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from diffst.benchmark.folds import grid_regions, grow_to_tile
+from diffst.cli import app
+
+runner = CliRunner()
+METHODS = ("bicubic", "ridge", "diffst")
+
+
+def _area(r):
+    return max(r[2] - r[0], 0.0) * max(r[3] - r[1], 0.0)
+
+
+def _overlap(a, b):
+    return _area((max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])))
+
+
+@pytest.mark.parametrize(("extent", "k", "layout"), [
+    ((1062.0, 212.0, 1572.0, 594.5), 4, "auto"),
+    ((1062.0, 212.0, 1572.0, 594.5), 4, "strips"),
+    ((0.0, 0.0, 2000.0, 1000.0), 5, "auto"),
+    ((0.0, 0.0, 1000.0, 1000.0), 6, "grid"),
+])
+def test_folds_cover_the_extent_and_are_disjoint(extent, k, layout):
+    cells = grid_regions(extent, k, 200.0, layout)
+    assert len(cells) == k
+    for c in cells:
+        assert extent[0] <= c[0] < c[2] <= extent[2] and extent[1] <= c[1] < c[3] <= extent[3]
+    assert math.isclose(sum(_area(c) for c in cells), _area(extent))
+    assert all(_overlap(a, b) == 0 for a, b in itertools.combinations(cells, 2))
+    for c in cells:  # the held-out region holds the cell and fits a tile, inside the extent
+        r = grow_to_tile(c, extent, 200.0)
+        assert r[0] <= c[0] and r[1] <= c[1] and r[2] >= c[2] and r[3] >= c[3]
+        assert r[2] - r[0] >= 200.0 - 1e-9 and r[3] - r[1] >= 200.0 - 1e-9
+        assert extent[0] <= r[0] and r[2] <= extent[2] and extent[1] <= r[1] and r[3] <= extent[3]
+
+
+def test_auto_layout_prefers_strips_when_a_tile_fits():
+    cells = grid_regions((0.0, 0.0, 1000.0, 400.0), 4, 200.0)
+    assert all(c[1] == 0.0 and c[3] == 400.0 for c in cells)  # vertical strips
+
+
+@pytest.fixture(scope="module")
+def tiny_benchmark(tmp_path_factory):
+    from diffst.benchmark import run_benchmark
+    from diffst.example import load_example
+
+    out = tmp_path_factory.mktemp("bench") / "out"
+    sample = load_example()
+    # One torch thread: OpenMP's busy-waiting makes 2 threads on a shared 2-core machine 20-50x slower
+    # (cli.main sets OMP_WAIT_POLICY=PASSIVE for that; under pytest torch is already loaded).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = run_benchmark([sample], out, scales=(10,), k=4, methods=METHODS, budget="tiny", device="cpu",
+                               progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return sample, out, result
+
+
+def test_tiny_benchmark_writes_finite_metrics_and_intervals(tiny_benchmark):
+    _, out, result = tiny_benchmark
+    for name in ("benchmark.json", "benchmark.md", "figures/metrics_s10.png", "figures/per_gene_pcc_s10.png"):
+        assert (out / name).stat().st_size > 0, name
+    saved = json.loads((out / "benchmark.json").read_text())
+    assert saved["setup"]["methods"] == list(METHODS)
+    ok = [f for f in saved["folds"] if f["status"] == "ok"]
+    assert len(saved["folds"]) == 4 and ok
+    assert len(saved["cells"]) == len(ok) * len(METHODS)
+    entry = saved["summary"]["s10"]
+    for method in METHODS:
+        row = entry["methods"][method]
+        for key in ("pcc", "pcc_pooled", "rmse_counts", "mae_counts", "ssim", "paper_abs_pcc", "paper_rmse"):
+            assert math.isfinite(row[key]), (method, key)
+        lo, hi = row["pcc_ci"]
+        assert lo <= row["pcc"] <= hi or math.isclose(lo, hi)
+        assert math.isfinite(row["gap_closed"])
+    assert entry["methods"]["bicubic"]["gap_closed"] == 0.0
+    assert 0 < entry["ceiling"]["pcc"] <= 1 and "n_genes_skipped" in entry["ceiling"]
+    table = (out / "benchmark.md").read_text()
+    assert "Table 1" in table and "Table 2" in table and "| s10 | ridge |" in table
+    # Every fold's test tiles lie inside its held-out region, and methods are scored on the same tiles.
+    for fold in ok:
+        cells = [c for c in saved["cells"] if c["fold"] == fold["fold"]]
+        assert len({tuple(c["tile_ids"]) for c in cells}) == 1
+
+
+def test_second_run_reuses_every_cell(tiny_benchmark, monkeypatch):
+    import diffst.benchmark.run as bench_run
+    from diffst.benchmark import run_benchmark
+    from diffst.benchmark.run import clean_json
+
+    sample, out, first = tiny_benchmark
+    cells = sorted((out / "cells").rglob("*.json"))
+    before = {p: p.stat().st_mtime_ns for p in cells}
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("a finished cell was computed again")
+
+    monkeypatch.setattr(bench_run, "predict_method", no_work)
+    monkeypatch.setattr("diffst.data.prepare.prepare_dataset", no_work)
+    again = run_benchmark([sample], out, scales=(10,), k=4, methods=METHODS, budget="tiny", device="cpu",
+                          progress=False)
+    assert {p: p.stat().st_mtime_ns for p in cells} == before
+    assert clean_json(again["summary"]) == json.loads((out / "benchmark.json").read_text())["summary"]
+    assert again["summary"]["s10"]["methods"]["diffst"]["pcc"] == pytest.approx(
+        first["summary"]["s10"]["methods"]["diffst"]["pcc"])
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--folds", "1"], "--folds must be at least 2, got 1"),
+    (["--methods", "bicubic,magic"], "Unknown method(s) ['magic']"),
+    (["--budget", "huge"], "Unknown --budget 'huge'"),
+    (["--scales", "7"], "7"),
+    (["--scales", "ten"], "--scales needs comma-separated integers"),
+    (["--fold-layout", "rings"], "Unknown --fold-layout 'rings'"),
+])
+def test_cli_rejects_bad_options_with_one_line(tmp_path, args, message):
+    out = tmp_path / "bench"
+    result = runner.invoke(app, ["benchmark", "--example", "--out", str(out), *args])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    text = " ".join(result.output.split())
+    assert message in text, text
+    assert not out.exists()
