@@ -117,3 +117,30 @@ def prepared_xenium(xenium_sample, tmp_path_factory):
     out = tmp_path_factory.mktemp("prepared") / "xenium_s5"
     return prepare_dataset([xenium_sample], out, tile_preset("cpu", 5), n_genes=8,
                            split=SplitSpec(test_region=XENIUM_TEST_REGION, train_stride_um=50), progress=False)
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory) -> Path:
+    """The built-in example prepared small dataset of the real Xenium crop (8 genes, DAPI, 5x, 20 x 20 HR tiles)."""
+    from diffst.core.geometry import tile_preset
+    from diffst.data.prepare import SplitSpec, prepare_dataset
+    from diffst.example import EXAMPLE_TEST_REGION, load_example
+
+    out = tmp_path_factory.mktemp("training") / "prep"
+    prepare_dataset(
+        [load_example()], out, tile_preset("cpu", 5), n_genes=8,
+        split=SplitSpec(test_region=EXAMPLE_TEST_REGION, train_stride_um=50),
+        overwrite=True, progress=False, preview=False,
+    )
+    return out
+
+
+@pytest.fixture
+def one_thread():
+    """Single-threaded torch, as in the subprocesses, so in- and out-of-process runs agree bit for bit."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

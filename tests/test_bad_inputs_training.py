@@ -28,7 +28,7 @@ from diffst.training import checkpoint as ckpt
 from diffst.training import train
 from diffst.training.__main__ import main as train_main
 from diffst.training.checkpoint import run_lock
-from test_training import _config, _env, _read_metrics, _write, one_thread, prepared  # noqa: F401
+from test_training import _config, _env, _read_metrics, _write
 
 PY = sys.executable
 
@@ -88,7 +88,7 @@ def test_example_run_dir_inside_data_path_is_refused(tmp_path):
     assert not target.exists()
 
 
-def test_example_is_prepared_into_an_empty_folder(tmp_path, one_thread):  # noqa: F811
+def test_example_is_prepared_into_an_empty_folder(tmp_path, one_thread):
     target = tmp_path / "empty"
     target.mkdir()
     cfg = parse_config(_example_config(target, tmp_path / "run", steps=1, checkpoint_every=1))
@@ -103,7 +103,7 @@ def test_example_is_prepared_into_an_empty_folder(tmp_path, one_thread):  # noqa
 # -- one run folder, one training process ----------------------------------------------------------------
 
 
-def test_second_training_into_a_busy_run_folder_is_refused(prepared, tmp_path, capsys):  # noqa: F811
+def test_second_training_into_a_busy_run_folder_is_refused(prepared, tmp_path, capsys):
     run_dir = (tmp_path / "busy").resolve()
     cfg_file = _write(tmp_path / "busy.yaml", _config(prepared, run_dir, steps=60, checkpoint_every=30))
     first = subprocess.Popen([PY, "-m", "diffst.training", "--config", str(cfg_file)], env=_env(),
@@ -123,7 +123,7 @@ def test_second_training_into_a_busy_run_folder_is_refused(prepared, tmp_path, c
     assert [s for s, _ in list_checkpoints(run_dir)] == [30, 60]
 
 
-def test_lock_of_a_killed_process_does_not_block(prepared, tmp_path, one_thread):  # noqa: F811
+def test_lock_of_a_killed_process_does_not_block(prepared, tmp_path, one_thread):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     holder = subprocess.Popen(
@@ -183,7 +183,7 @@ DAMAGE = {
 
 
 @pytest.fixture(scope="module")
-def trained(prepared, tmp_path_factory) -> Path:  # noqa: F811
+def trained(prepared, tmp_path_factory) -> Path:
     """A finished 4-step run with one checkpoint (step 4)."""
     return train(parse_config(_config(prepared, tmp_path_factory.mktemp("trained") / "run", steps=4)))
 
@@ -224,7 +224,7 @@ def test_checkpoint_without_manifest_is_checked_as_far_as_possible(trained, tmp_
 
 
 @pytest.mark.parametrize("damage", ["truncated ema", "garbage state.json", "missing state.json"])
-def test_resume_skips_a_damaged_latest_checkpoint(prepared, tmp_path, caplog, one_thread, damage):  # noqa: F811
+def test_resume_skips_a_damaged_latest_checkpoint(prepared, tmp_path, caplog, one_thread, damage):
     cfg = parse_config(_config(prepared, tmp_path / "run", steps=8, checkpoint_every=4))
     run_dir = train(cfg)
     name, corrupt, problem = DAMAGE[damage]
@@ -244,7 +244,7 @@ def test_resume_skips_a_damaged_latest_checkpoint(prepared, tmp_path, caplog, on
     assert _steps(run_dir) == list(range(1, 11))  # resumed from step 4
 
 
-def test_resume_without_an_intact_checkpoint_is_refused(prepared, trained, tmp_path):  # noqa: F811
+def test_resume_without_an_intact_checkpoint_is_refused(prepared, trained, tmp_path):
     run_dir = shutil.copytree(trained, tmp_path / "run")
     folder = list_checkpoints(run_dir)[-1][1]
     (folder / "state.json").write_text("garbage")
@@ -258,7 +258,7 @@ def test_resume_without_an_intact_checkpoint_is_refused(prepared, trained, tmp_p
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_signal_saves_a_checkpoint_and_resume_finishes(prepared, tmp_path, sig):  # noqa: F811
+def test_signal_saves_a_checkpoint_and_resume_finishes(prepared, tmp_path, sig):
     run_dir = (tmp_path / "run").resolve()
     cfg_file = _write(tmp_path / "c.yaml", _config(prepared, run_dir, steps=400, checkpoint_every=1000))
     log_file = tmp_path / "stderr.txt"
@@ -294,7 +294,7 @@ def test_signal_saves_a_checkpoint_and_resume_finishes(prepared, tmp_path, sig):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_cuda_without_cuda_is_one_line(prepared, tmp_path, capsys):  # noqa: F811
+def test_cuda_without_cuda_is_one_line(prepared, tmp_path, capsys):
     data = _config(prepared, tmp_path / "run", steps=1)
     data["device"] = "cuda"
     code, err = _run_main(capsys, ["--config", str(_write(tmp_path / "c.yaml", data))])
@@ -323,7 +323,7 @@ def test_config_folder_is_refused(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("blocker", ["parent", "itself"])
-def test_run_dir_that_cannot_be_created(prepared, tmp_path, blocker):  # noqa: F811
+def test_run_dir_that_cannot_be_created(prepared, tmp_path, blocker):
     (tmp_path / "afile").write_text("not a folder")
     run_dir = tmp_path / "afile" / "run" if blocker == "parent" else tmp_path / "afile"
     with pytest.raises(InputError, match=rf"cannot create run_dir {_re(run_dir)}: {_re(tmp_path)}/afile is a file, not a "
@@ -332,7 +332,7 @@ def test_run_dir_that_cannot_be_created(prepared, tmp_path, blocker):  # noqa: F
     assert (tmp_path / "afile").read_text() == "not a folder"
 
 
-def test_data_path_that_is_not_a_dataset(prepared, tmp_path):  # noqa: F811
+def test_data_path_that_is_not_a_dataset(prepared, tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("x")
     with pytest.raises(InputError, match=rf"{_re(afile)} is not a prepared Diff-ST dataset \(no dataset.json\)"):
@@ -343,7 +343,7 @@ def test_data_path_that_is_not_a_dataset(prepared, tmp_path):  # noqa: F811
         train(parse_config(_config(copy, tmp_path / "run", steps=1)))
 
 
-def test_home_folder_in_paths_is_expanded(prepared, tmp_path, monkeypatch, one_thread):  # noqa: F811
+def test_home_folder_in_paths_is_expanded(prepared, tmp_path, monkeypatch, one_thread):
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "prep").symlink_to(prepared)
     run_dir = train(parse_config(_config("~/prep", "~/run", steps=1, checkpoint_every=1)))

@@ -24,31 +24,6 @@ from diffst.training import train
 from diffst.training.data import EpochOrder
 
 
-@pytest.fixture(scope="session")
-def prepared(tmp_path_factory) -> Path:
-    """A small prepared dataset of the real Xenium crop (8 genes, DAPI, 5x, 20 x 20 HR tiles)."""
-    from diffst.core.geometry import tile_preset
-    from diffst.data.prepare import SplitSpec, prepare_dataset
-    from diffst.example import EXAMPLE_TEST_REGION, load_example
-
-    out = tmp_path_factory.mktemp("training") / "prep"
-    prepare_dataset(
-        [load_example()], out, tile_preset("cpu", 5), n_genes=8,
-        split=SplitSpec(test_region=EXAMPLE_TEST_REGION, train_stride_um=50),
-        overwrite=True, progress=False, preview=False,
-    )
-    return out
-
-
-@pytest.fixture
-def one_thread():
-    """Single-threaded torch, as in the subprocesses, so in- and out-of-process runs agree bit for bit."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _config(prepared: Path, run_dir: Path, **train) -> dict:
     """A run of the packaged ``tiny`` preset (8 steps, checkpoints every 4, on the CPU) with ``train`` overrides."""
     return dict(preset="tiny", data=dict(path=str(prepared)), model={}, train=train, seed=3, run_dir=str(run_dir))

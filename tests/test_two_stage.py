@@ -25,31 +25,8 @@ from diffst.diffusion.target import decode_target, encode_target
 from diffst.errors import InputError
 from diffst.runs import list_checkpoints, load_run, read_training_state
 from diffst.training import train
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    """A small prepared dataset of the real Xenium crop (8 genes, DAPI, 5x, 20 x 20 HR tiles)."""
-    from diffst.core.geometry import tile_preset
-    from diffst.data.prepare import SplitSpec, prepare_dataset
-    from diffst.example import EXAMPLE_TEST_REGION, load_example
-
-    out = tmp_path_factory.mktemp("two_stage") / "prep"
-    prepare_dataset(
-        [load_example()], out, tile_preset("cpu", 5), n_genes=8,
-        split=SplitSpec(test_region=EXAMPLE_TEST_REGION, train_stride_um=50),
-        overwrite=True, progress=False, preview=False,
-    )
-    return out
-
-
-@pytest.fixture
-def one_thread():
-    """Single-threaded torch, as in the subprocesses, so in- and out-of-process runs agree bit for bit."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from test_training import _config as tiny_config
+from test_training import _env
 
 
 @pytest.fixture(scope="module")
@@ -65,20 +42,12 @@ def base_run(prepared, tmp_path_factory) -> Path:
 
 
 def _config(prepared: Path, run_dir: Path, base: Path | None, **train_kw) -> dict:
-    cfg = dict(preset="tiny", data=dict(path=str(prepared)), model={}, train=train_kw, seed=3, run_dir=str(run_dir))
-    if base is not None:
-        cfg["diffusion"] = {"target": "regression_residual", "parameterization": "v"}
-        cfg["train"] = {**train_kw, "base_run": str(base)}
+    """The tiny run of test_training, made two-stage on ``base`` when given."""
+    if base is None:
+        return tiny_config(prepared, run_dir, **train_kw)
+    cfg = tiny_config(prepared, run_dir, **train_kw, base_run=str(base))
+    cfg["diffusion"] = {"target": "regression_residual", "parameterization": "v"}
     return cfg
-
-
-def _env() -> dict:
-    import os
-
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    return env
 
 
 def test_zero_residual_decodes_to_the_regression_exactly():
