@@ -339,6 +339,15 @@ def test_gene_mismatch_names_the_genes_that_differ(prepared_xenium):
 # ---- demo options are checked before minutes of training ---------------------------------------------------
 
 
+@pytest.mark.parametrize("command", ["demo", "benchmark"])
+def test_folder_outputs_refuse_a_file(tmp_path, command):
+    f = tmp_path / "results.txt"
+    f.write_text("mine")
+    args = [command, "--out", str(f)] + (["--example"] if command == "benchmark" else [])
+    _one_line_error(_run(args), "it is a file, and the", "is a folder")
+    assert f.read_text() == "mine"
+
+
 @pytest.mark.parametrize(("extra", "message"), [
     (["--samples", "0"], "--samples must be at least 1"),
     (["--steps", "0"], "--steps must be at least 1"),

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
+import functools
 import itertools
 import logging
 import os
@@ -58,11 +58,12 @@ def protected_paths() -> list[Path]:
     return [Path(cwd.anchor), Path.home().resolve(), cwd, *cwd.parents]
 
 
-def check_writable_target(path: str | Path, what: str) -> Path:
+def check_writable_target(path: str | Path, what: str, folder: bool = False) -> Path:
     """Check, before any work starts, that ``path`` can be created; return it absolute.
 
     It must not be a protected folder, no ancestor may be a file, and the nearest existing folder must be
-    writable.
+    writable. With ``folder``, the output is a folder that is written into, so an existing file there is
+    refused too.
     """
     path = Path(path).expanduser()
     resolved = path.resolve()
@@ -71,6 +72,9 @@ def check_writable_target(path: str | Path, what: str) -> Path:
             f"Refusing to write the {what} to {path} ({resolved}): it is the working directory, the home folder, "
             "the filesystem root or a parent of the working directory. Give a new folder name, e.g. --out prepared/run1."
         )
+    if folder and resolved.exists() and not resolved.is_dir():
+        raise InputError(f"Cannot write the {what} to {path}: it is a file, and the {what} is a folder. "
+                         "Give a folder path.")
     ancestor = resolved.parent
     while not ancestor.exists():
         ancestor = ancestor.parent
@@ -140,20 +144,24 @@ def temporary_path(target: Path) -> Path:
 
 
 _RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+@functools.cache
+def _renameat2():
+    """Look up the C library's renameat2 once (None where the platform lacks it)."""
+    try:
+        return getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    except (OSError, TypeError):  # no C library of the process to open (e.g. Windows)
+        return None
 
 
 def _exchange(a: Path, b: Path) -> bool:
     """Atomically swap two paths (Linux renameat2); False when the platform cannot."""
-    libc_name = ctypes.util.find_library("c")
-    if not libc_name:
-        return False
-    libc = ctypes.CDLL(libc_name, use_errno=True)
-    fn = getattr(libc, "renameat2", None)
+    fn = _renameat2()
     if fn is None:
         return False
-    at_fdcwd = -100
-    rc = fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
-    return rc == 0
+    return fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
 
 
 def swap_into_place(new: Path, target: Path) -> None:

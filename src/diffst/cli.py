@@ -275,9 +275,7 @@ def demo(
     with _user_errors():
         tile_preset("cpu", scale)
         resolve_device(device)
-        check_writable_target(out, "demo output")
-        if out.exists() and not out.is_dir():
-            raise typer.BadParameter(f"--out {out} is a file; the demo writes a folder. Give a folder path.")
+        check_writable_target(out, "demo output", folder=True)
         report = run_demo(out, scale=scale, steps=steps, num_samples=samples, device=device, seed=seed)
     typer.echo(f"Held-out region, {report['setup']['test_tiles']} tiles, s = {scale}:")
     for name in ("bicubic", "diffst"):
@@ -340,9 +338,7 @@ def benchmark(
             raise typer.BadParameter(f"Unknown --fold-layout '{fold_layout}'; choose auto, strips or grid.")
         method_list = parse_methods(methods)
         resolve_device(device)
-        check_writable_target(out, "benchmark output")
-        if out.exists() and not out.is_dir():
-            raise typer.BadParameter(f"--out {out} is a file; the benchmark writes a folder. Give a folder path.")
+        check_writable_target(out, "benchmark output", folder=True)
         samples = _read_inputs(inputs or [], example, platform, {
             "image": image, "pixel_size_um": pixel_size, "image_origin_um": _floats(image_origin, 2, "--image-origin")})
         gene_list = [g.strip() for g in genes.split(",") if g.strip()] if genes else None
