@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +33,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from diffst.atomic import atomic_output
 from diffst.diffusion.config import DiffusionConfig, SamplerConfig
 from diffst.errors import InputError
 from diffst.models.config import ModelConfig, model_preset
@@ -567,7 +567,6 @@ def save_config(cfg: RunConfig, path: str | Path) -> Path:
         text = yaml.safe_dump(data, sort_keys=False)
     else:
         text = json.dumps(data, indent=2)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_output(path, directory=False) as tmp:
+        tmp.write_text(text)
     return path

@@ -23,7 +23,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import signal
 import threading
 import time
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from diffst.atomic import atomic_output
 from diffst.config import ConfigError, RunConfig, resolve_config, save_config
 from diffst.core.curriculum import curriculum_threshold
 from diffst.errors import InputError, TrainingInterrupted
@@ -455,9 +455,8 @@ def _check_resume_config(saved: RunConfig, new: RunConfig) -> None:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    with atomic_output(path, directory=False) as tmp:
+        tmp.write_text(json.dumps(data, indent=2))
 
 
 def _param_checksum(model: torch.nn.Module) -> float:
