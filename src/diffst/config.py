@@ -224,9 +224,15 @@ class TrainConfig(BaseModel):
     Attributes
     ----------
     objective
-        ``"diffusion"`` (the paper: denoise noisy HR maps) or ``"regression"`` (MSE in model space: the
-        model is called with x_t = 0 at t = 0 and predicts the diffusion target directly; a baseline).
-        Both share the data order, augmentation, EMA, checkpoints, resume and data parallelism.
+        ``"diffusion"`` (the paper: denoise noisy HR maps) or ``"regression"`` (the model is called with
+        x_t = 0 at t = 0 and predicts the HR maps directly; a baseline, or the first stage of a two-stage
+        run). Both share the data order, augmentation, EMA, checkpoints, resume and data parallelism.
+    regression
+        What a regression run predicts and its loss. ``"mse"``: the diffusion target, MSE in model space.
+        ``"spot_poisson"``: log-weights of the HR bins inside each LR spot; each spot's measured count is
+        shared out over its bins by a softmax (the output is spot-consistent by construction) around a
+        prior that follows the interpolated LR maps; Poisson deviance of the HR counts, each gene weighted
+        by its inverse mean count so that every gene counts alike. Read by regression runs only.
     steps, epochs
         Length of training: exactly one of them (an epoch is one pass over the training tiles, sharded
         over the processes).
@@ -270,6 +276,7 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     objective: Literal["diffusion", "regression"] = "diffusion"
+    regression: Literal["mse", "spot_poisson"] = "mse"
     steps: int | None = Field(None, ge=1)
     epochs: int | None = Field(None, ge=1)
     lr: float = Field(1e-4, gt=0)

@@ -56,6 +56,8 @@ __all__ = [
     "checkpoint_folder",
     "verify_checkpoint",
     "write_manifest",
+    "RegressionOutput",
+    "regression_output",
 ]
 
 CHECKPOINT_DIR = "checkpoints"
@@ -194,8 +196,7 @@ class Run:
         Tensor
             (B, N, H, W) model-space HR maps.
         """
-        from diffst.diffusion.target import decode_target
-        from diffst.models.base import Conditions, regress
+        from diffst.models.base import Conditions
 
         if self.config.train.objective != "regression":
             raise InputError(f"{self.path} is a {self.config.train.objective} run; a base run must be a regression "
@@ -203,8 +204,64 @@ class Run:
         cond = Conditions.from_batch(batch, self.entropy_threshold).to(device)
         n_genes = len(self.dataset.genes) if self.dataset is not None else int(cond.lr.shape[1])
         tile = self.dataset.geometry.tile_hr if self.dataset is not None else int(batch["hr"].shape[-1])
-        x0 = regress(self.model, cond, (cond.lr.shape[0], n_genes, tile, tile)).prediction
-        return decode_target(x0, cond.lr, self.config.diffusion.target, None)
+        return regression_output(self.model, cond, (cond.lr.shape[0], n_genes, tile, tile), self.config,
+                                 self.dataset).maps
+
+
+@dataclass
+class RegressionOutput:
+    """A regression run's prediction for a batch of tiles.
+
+    ``maps``: (B, N, H, W) in model space; ``counts``: the same in counts per HR bin (``spot_poisson``
+    runs only, differentiable); ``aux_losses``: the model's auxiliary losses.
+    """
+
+    maps: torch.Tensor
+    counts: torch.Tensor | None
+    aux_losses: dict[str, torch.Tensor]
+
+
+def regression_output(model: nn.Module, cond: Any, shape: tuple[int, int, int, int], config: RunConfig,
+                      dataset: DatasetSpec | None) -> RegressionOutput:
+    """Predict HR maps with a regression model, as ``config.train.regression`` says its output is meant.
+
+    ``"mse"``: the output is the diffusion target, decoded against the interpolated LR maps.
+    ``"spot_poisson"``: the output is log-weights around a prior that follows the interpolated LR maps
+    (log1p of the interpolated counts per bin); each LR spot's count is shared out over its s x s bins
+    (:func:`~diffst.core.spots.share_out_spots`).
+
+    Parameters
+    ----------
+    model
+        The regression model.
+    cond
+        Its :class:`~diffst.models.base.Conditions` (model-space LR maps), on the model's device.
+    shape
+        (B, N, H, W) of the HR maps.
+    config
+        The run's configuration.
+    dataset
+        The run's :class:`DatasetSpec` (normaliser and scale; needed by ``spot_poisson``).
+
+    Returns
+    -------
+    RegressionOutput
+    """
+    from diffst.core.spots import share_out_spots
+    from diffst.diffusion.target import decode_target, lr_on_hr_grid
+    from diffst.models.base import regress
+
+    out = regress(model, cond, shape)
+    if config.train.regression == "mse":
+        return RegressionOutput(decode_target(out.prediction, cond.lr, config.diffusion.target, None), None,
+                                out.aux_losses)
+    if dataset is None:
+        raise InputError("a spot_poisson regression needs the run's dataset description (normaliser and scale); "
+                         "this checkpoint predates it: train the run again")
+    norm, scale = dataset.normaliser, dataset.geometry.scale
+    prior = norm.to_log1p(lr_on_hr_grid(cond.lr, shape[-2:]))
+    counts = share_out_spots(out.prediction + prior, norm.lr_to_counts(cond.lr, scale), scale)
+    return RegressionOutput(norm.to_model(counts), counts, out.aux_losses)
 
 
 # -- finding checkpoints ------------------------------------------------------------------------------

@@ -21,6 +21,12 @@ LEARNED: dict[str, dict[str, Any]] = {
     "diffst-no-cam": {"model": {"use_cam": False}},
     "diffst-no-graph": {"model": {"use_graph": False}},
     "diffst-no-hier": {"model": {"use_hierarchical": False}},
+    # The paper's comparison methods: a diffusion baseline and four deterministic regressors.
+    "guided-dm": {"model": {"arch": "guided_dm"}},
+    "unet": {"model": {"arch": "unet"}, "train": {"objective": "regression"}},
+    "unetpp": {"model": {"arch": "unetpp"}, "train": {"objective": "regression"}},
+    "attention-unet": {"model": {"arch": "attention_unet"}, "train": {"objective": "regression"}},
+    "histogene": {"model": {"arch": "histogene"}, "train": {"objective": "regression"}},
 }
 BASELINES = ("bicubic", "nearest", "ridge", "tesla")
 METHODS = (*BASELINES, *LEARNED)

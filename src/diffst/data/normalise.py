@@ -55,6 +55,14 @@ class LogScaleNormaliser(BaseModel):
             return torch.expm1(log).clamp_min(0.0)
         return np.maximum(np.expm1(log), 0.0)
 
+    def to_log1p(self, model_values):
+        """Model space (..., N, H, W) -> log1p of counts per HR bin (the log scale before per-gene scaling)."""
+        return (model_values + 1.0) * 0.5 * self._scale(model_values)
+
+    def lr_to_counts(self, lr_model, scale: int):
+        """Model-space LR maps -> LR counts (s x s HR bins each): the inverse of :meth:`lr_to_model`."""
+        return self.to_counts(lr_model) * float(scale * scale)
+
     def lr_to_model(self, lr_counts, scale: int):
         """LR counts (s x s HR bins each) -> model space, via counts per HR bin."""
         return self.to_model(lr_counts / float(scale * scale))

@@ -82,10 +82,17 @@ class SamplerConfig(BaseModel):
     point_estimate
         What a prediction reports as its answer (``X``): ``"x0_probe"``, the model's x0-prediction at the
         last timestep averaged over ``probe_draws`` noise draws (an estimate of the posterior mean, one network
-        call per draw), or ``"sample_mean"``, the mean of the K samples. For PCC and RMSE against observed
-        counts the posterior mean is the optimal answer; single samples carry Poisson-like texture.
+        call per draw), ``"sample_mean"``, the mean of the K samples, or ``"base"``, the prediction of a
+        two-stage run's regression stage (one network call; the diffusion then only adds the spread, as in
+        CorrDiff). ``"auto"``: ``"base"`` for two-stage runs, ``"x0_probe"`` otherwise. For PCC and RMSE
+        against observed counts the posterior mean is the optimal answer; single samples carry Poisson-like
+        texture.
     probe_draws
         Noise draws (network calls) of the x0 probe.
+    spot_consistent
+        Make every s x s block of the point estimate and of each sample add up to the LR count measured
+        there (:func:`~diffst.core.spots.project_to_spots`; unmeasured spots are left as predicted): the
+        spots say how much, the model says where.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -95,8 +102,9 @@ class SamplerConfig(BaseModel):
     eta: float = Field(0.0, ge=0.0)
     num_samples: int = Field(1, ge=1)
     clip: bool = True
-    point_estimate: Literal["x0_probe", "sample_mean"] = "x0_probe"
+    point_estimate: Literal["auto", "x0_probe", "sample_mean", "base"] = "auto"
     probe_draws: int = Field(8, ge=1)
+    spot_consistent: bool = True
 
     @model_validator(mode="after")
     def _eta_only_for_ddim(self) -> SamplerConfig:

@@ -16,28 +16,50 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from diffst.core.spots import project_to_spots
 from diffst.data.dataset import PreparedTiles
 from diffst.diffusion.config import SamplerConfig
 from diffst.diffusion.process import GaussianDiffusion
 from diffst.diffusion.samplers import sample_with_config, x0_probe
 from diffst.diffusion.target import decode_target
 from diffst.errors import InputError
-from diffst.models.base import Conditions, regress
-from diffst.runs import Run, load_run
+from diffst.models.base import Conditions
+from diffst.runs import Run, load_run, regression_output
 
 
 @dataclass
 class TilePredictions:
     """Per-tile predictions of one split, in counts per HR bin.
 
-    mean: (T, N, H, W) the point estimate: the x0-probe estimate of the posterior mean (the default,
-    ``SamplerConfig.point_estimate``), or the mean over the K samples; std: (T, N, H, W) the samples'
+    mean: (T, N, H, W) the point estimate (``SamplerConfig.point_estimate``: a two-stage run's regression
+    stage, the x0-probe estimate of the posterior mean, or the mean over the K samples); std: (T, N, H, W) the samples'
     standard deviation (zeros when K = 1); samples_model: (K, T, N, H, W) sampled HR maps in model space.
     """
 
     mean: np.ndarray
     std: np.ndarray
     samples_model: np.ndarray
+
+
+def point_estimate_kind(run: Run, sampler: SamplerConfig) -> str:
+    """Return the point estimate a prediction of ``run`` reports: ``sampler.point_estimate``, ``auto`` resolved.
+
+    ``auto`` is ``base`` for a two-stage run (its regression stage) and ``x0_probe`` for other diffusion
+    runs; a regression run's only estimate is its prediction (reported as ``base``).
+
+    Raises
+    ------
+    InputError
+        If ``base`` is asked of a run that has no regression stage.
+    """
+    if run.config.train.objective == "regression":
+        return "base"
+    if sampler.point_estimate == "auto":
+        return "base" if run.base is not None else "x0_probe"
+    if sampler.point_estimate == "base" and run.base is None:
+        raise InputError(f"point_estimate 'base' needs a two-stage run (diffusion.target: regression_residual); "
+                         f"{run.path} has no regression stage: use x0_probe or sample_mean.")
+    return sampler.point_estimate
 
 
 @torch.no_grad()
@@ -81,9 +103,10 @@ def predict_tiles(
     n, geom = len(dataset), dataset.geometry
     shape_hr = (len(dataset.genes), geom.tile_hr, geom.tile_hr)
     k = 1 if regression else sampler.num_samples
+    estimate = point_estimate_kind(run, sampler)
     samples = np.empty((k, n, *shape_hr), dtype=np.float32)
-    # The answer (X) is the posterior-mean estimate unless the samples' mean is asked for.
-    point = None if regression or sampler.point_estimate == "sample_mean" else np.empty((n, *shape_hr), np.float32)
+    # The answer (X) is a posterior-mean estimate unless the samples' mean is asked for.
+    point = None if estimate == "sample_mean" else np.empty((n, *shape_hr), np.float32)
     desc = "Predicting (regression)" if regression else f"Sampling ({sampler.method}, {sampler.steps or 'all'} steps, K={k})"
     for b, start in enumerate(tqdm(range(0, n, batch_size), desc=desc, unit="batch", disable=not progress)):
         idx = list(range(start, min(start + batch_size, n)))
@@ -92,7 +115,8 @@ def predict_tiles(
         # A two-stage run's samples are residuals over its frozen regression run's prediction.
         base = run.base.predict_hr(batch, device) if run.base is not None else None
         if regression:
-            drawn = regress(model, cond, (len(idx), *shape_hr)).prediction[None]
+            hr = regression_output(model, cond, (len(idx), *shape_hr), cfg, run.dataset).maps[None]
+            x0_point = hr[0]
         else:
             def model_fn(x, t, cond=cond):
                 return model(x, t, **cond).prediction
@@ -100,14 +124,22 @@ def predict_tiles(
             generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + b)
             _, _, drawn = sample_with_config(model_fn, (len(idx), *shape_hr), diffusion, sampler, generator,
                                              device=device)
-            if point is not None:
+            hr = torch.stack([decode_target(d, cond.lr, cfg.diffusion.target, base) for d in drawn])
+            x0_point = base
+            if estimate == "x0_probe":
                 x0 = x0_probe(model_fn, (len(idx), *shape_hr), diffusion, sampler.probe_draws, generator,
                               device=device, clip=sampler.clip)
-                point[start : start + len(idx)] = decode_target(x0, cond.lr, cfg.diffusion.target, base).float().cpu().numpy()
-        hr = torch.stack([decode_target(d, cond.lr, cfg.diffusion.target, base) for d in drawn])
+                x0_point = decode_target(x0, cond.lr, cfg.diffusion.target, base)
         samples[:, start : start + len(idx)] = hr.float().cpu().numpy()
+        if point is not None:
+            point[start : start + len(idx)] = x0_point.float().cpu().numpy()
     counts = dataset.normaliser.to_counts(samples)
     mean = counts.mean(axis=0) if point is None else dataset.normaliser.to_counts(point)
+    if sampler.spot_consistent:
+        lr, mask = np.asarray(dataset.lr_counts, np.float32), np.asarray(dataset.lr_mask, bool)
+        counts = project_to_spots(counts, lr, geom.scale, mask)
+        samples = dataset.normaliser.to_model(counts).astype(np.float32)
+        mean = project_to_spots(mean, lr, geom.scale, mask) if point is not None else counts.mean(axis=0)
     std = counts.std(axis=0, ddof=1) if k > 1 else np.zeros_like(mean)
     return TilePredictions(mean=mean, std=std, samples_model=samples)
 
@@ -326,7 +358,8 @@ def predict_checkpoint(
     tuple
         ``(dataset, predictions, extras)``; the dataset reads the tiles through the model's own normaliser
         and gene list, so outputs are in counts whatever dataset the model was trained on. ``extras``:
-        ``checkpoint`` (path), ``step``, ``weights``, ``sampler`` (the settings used) and ``seed``.
+        ``checkpoint`` (path), ``step``, ``weights``, ``sampler`` (the settings used, ``point_estimate``
+        resolved) and ``seed``.
     """
     dev = resolve_device(device)
     run = load_run(checkpoint, device=dev)
@@ -344,6 +377,7 @@ def predict_checkpoint(
     check_sample_memory(len(dataset), len(dataset.genes), dataset.geometry.tile_hr, sampler.num_samples)
     preds = predict_tiles(run, dataset, sampler, batch_size=batch_size, seed=seed, device=dev, progress=progress)
     check_finite(preds, run.path)
-    extras = {"checkpoint": str(run.path), "step": run.step, "weights": run.weights, "sampler": sampler.model_dump(),
+    used = sampler.model_copy(update={"point_estimate": point_estimate_kind(run, sampler)})
+    extras = {"checkpoint": str(run.path), "step": run.step, "weights": run.weights, "sampler": used.model_dump(),
               "seed": seed}
     return dataset, preds, extras

@@ -24,3 +24,7 @@ __all__ = [
     "MODELS",
     "register_model",
 ]
+
+# Registers the regressor baselines ("unet", "unetpp", "attention_unet", "histogene"); last, as they build on
+# the modules above.
+import diffst.models.baselines  # noqa: E402, F401

@@ -180,7 +180,7 @@ class Trainer:
         self.gamma_final = self._gamma(1.0)
         self.state = TrainState.create(self.rcfg, coexpression, self.accelerator, checkpoint)
         self.base = self._base_run(checkpoint)
-        self.objective = make_objective(self.rcfg, self.base)
+        self.objective = make_objective(self.rcfg, self.base, self.spec)
         self.view = SeededTiles(self.train_ds, cfg.seed)
         self.info = {
             "world_size": self.world, "device": str(self.device),

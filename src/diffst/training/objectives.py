@@ -19,9 +19,9 @@ from diffst.config import RunConfig
 from diffst.diffusion.process import GaussianDiffusion
 from diffst.diffusion.target import TargetKind, encode_target
 from diffst.models.base import Conditions, regress
-from diffst.runs import Run
+from diffst.runs import DatasetSpec, Run, regression_output
 
-__all__ = ["Objective", "DiffusionObjective", "RegressionObjective", "make_objective"]
+__all__ = ["Objective", "DiffusionObjective", "RegressionObjective", "SpotPoissonObjective", "make_objective"]
 
 
 class Objective(Protocol):
@@ -115,13 +115,59 @@ class RegressionObjective:
         return _with_aux(mse, {"mse": mse, **out.aux_losses}, self.aux_weight)
 
 
+class SpotPoissonObjective:
+    """Spot-ratio regression (``train.regression: spot_poisson``): Poisson deviance of the HR counts.
+
+    The model's output shares each LR spot's count out over its bins (:func:`~diffst.runs.regression_output`),
+    so only where the counts go inside a spot is learned, never how many there are. The deviance of each
+    gene is divided by the gene's mean HR count in the batch, so that every gene weighs alike whatever its
+    expression level (as the per-gene correlation the benchmark reports does). Bins of unmeasured LR spots
+    (``lr_mask`` False) do not count.
+
+    Parameters
+    ----------
+    config
+        The run configuration (``train.disentangle_weight``).
+    dataset
+        The training data's :class:`~diffst.runs.DatasetSpec` (normaliser and scale).
+    """
+
+    terms = ("deviance", "disentangle")
+    val_terms = {"loss": "deviance"}
+
+    def __init__(self, config: RunConfig, dataset: DatasetSpec):
+        self.config = config
+        self.dataset = dataset
+        self.aux_weight = config.train.disentangle_weight
+
+    def __call__(self, model, batch, entropy_threshold, generator, device):
+        """See :class:`Objective` (``generator`` is unused: the objective draws nothing)."""
+        cond = Conditions.from_batch(batch, entropy_threshold).to(device, non_blocking=True)
+        hr = batch["hr"].to(device, non_blocking=True)
+        out = regression_output(model, cond, tuple(hr.shape), self.config, self.dataset)
+        observed = self.dataset.normaliser.to_counts(hr)
+        scale = self.dataset.geometry.scale
+        mask = batch["lr_mask"].to(device).repeat_interleave(scale, -2).repeat_interleave(scale, -1)
+        mask = mask[:, None].to(hr.dtype)
+        deviance = poisson_deviance(observed, out.counts)
+        weight = 1.0 / ((observed * mask).sum(dim=(0, 2, 3)) / mask.sum().clamp_min(1.0) + 0.1)
+        loss = (deviance * mask * weight[None, :, None, None]).sum() / (mask.sum().clamp_min(1.0) * hr.shape[1])
+        return _with_aux(loss, {"deviance": loss, **out.aux_losses}, self.aux_weight)
+
+
+def poisson_deviance(observed: Tensor, expected: Tensor, eps: float = 1e-6) -> Tensor:
+    """Half the Poisson deviance per bin, y log(y / mu) - (y - mu): zero where mu = y, never negative."""
+    return torch.xlogy(observed, observed) - observed * torch.log(expected + eps) - (observed - expected)
+
+
 def _with_aux(loss: Tensor, terms: dict[str, Tensor], weight: float) -> tuple[Tensor, dict[str, Tensor]]:
     if "disentangle" in terms:
         loss = loss + weight * terms["disentangle"]
     return loss, terms
 
 
-def make_objective(cfg: RunConfig, base: Run | None = None) -> DiffusionObjective | RegressionObjective:
+def make_objective(cfg: RunConfig, base: Run | None = None,
+                   dataset: DatasetSpec | None = None) -> DiffusionObjective | RegressionObjective | SpotPoissonObjective:
     """Make the objective ``cfg.train.objective`` names, set up from ``cfg``.
 
     Parameters
@@ -131,12 +177,18 @@ def make_objective(cfg: RunConfig, base: Run | None = None) -> DiffusionObjectiv
     base
         The loaded frozen regression run (:func:`diffst.runs.load_base_run`) of a ``regression_residual``
         target; None otherwise.
+    dataset
+        The training data's description (``spot_poisson`` regression needs its normaliser and scale).
 
     Returns
     -------
-    DiffusionObjective or RegressionObjective
+    DiffusionObjective, RegressionObjective or SpotPoissonObjective
     """
     weight = cfg.train.disentangle_weight
+    if cfg.train.objective == "regression" and cfg.train.regression == "spot_poisson":
+        if dataset is None:
+            raise ValueError("train.regression: spot_poisson needs the training data's description")
+        return SpotPoissonObjective(cfg, dataset)
     if cfg.train.objective == "regression":
         return RegressionObjective(cfg.diffusion.target, weight, base)
     return DiffusionObjective(GaussianDiffusion(cfg.diffusion), weight, base)

@@ -1,8 +1,20 @@
-"""Spot consistency: make every s x s block of a super-resolved map add up to the LR count measured there."""
+"""Spot consistency: every s x s block of a super-resolved map adds up to the LR count measured there.
+
+Two forms: :func:`project_to_spots` rescales finished HR counts (any method's, numpy), and
+:func:`share_out_spots` builds HR counts from log-weights (torch, differentiable), the output layer of a
+spot-ratio regression: the model only says where inside a spot the spot's counts go.
+"""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+__all__ = ["project_to_spots", "share_out_spots"]
 
 
 def project_to_spots(hr_counts: np.ndarray, lr_counts: np.ndarray, scale: int,
@@ -46,3 +58,30 @@ def project_to_spots(hr_counts: np.ndarray, lr_counts: np.ndarray, scale: int,
         keep = ~np.asarray(lr_mask, dtype=bool)[..., None, :, None, :, None]
         scaled = np.where(keep, blocks, scaled)
     return scaled.reshape(hr.shape).astype(np.float32)
+
+
+def share_out_spots(log_weights: Tensor, lr_counts: Tensor, scale: int) -> Tensor:
+    """Share each LR spot's count out over its s x s HR bins by a softmax of ``log_weights`` inside the block.
+
+    Parameters
+    ----------
+    log_weights
+        (B, N, H, W) unnormalised log-weights of the HR bins, H = s * h.
+    lr_counts
+        (B, N, h, w) non-negative LR counts.
+    scale
+        Super-resolution factor s.
+
+    Returns
+    -------
+    Tensor
+        (B, N, H, W) HR counts whose blocks sum to ``lr_counts`` exactly (differentiable in the weights).
+    """
+    b, n, rows, cols = log_weights.shape
+    h, w = rows // scale, cols // scale
+    if rows % scale or cols % scale or tuple(lr_counts.shape[-2:]) != (h, w):
+        raise ValueError(f"HR maps {rows} x {cols} do not split into s = {scale} blocks matching LR "
+                         f"{tuple(lr_counts.shape[-2:])}")
+    blocks = log_weights.reshape(b, n, h, scale, w, scale).permute(0, 1, 2, 4, 3, 5).reshape(b, n, h, w, -1)
+    shared = blocks.softmax(dim=-1) * lr_counts[..., None]
+    return shared.reshape(b, n, h, w, scale, scale).permute(0, 1, 2, 4, 3, 5).reshape(b, n, rows, cols)

@@ -1,0 +1,105 @@
+"""Spot-ratio regression (``train.regression: spot_poisson``) and spot-consistent predictions.
+
+The regression shares each measured LR spot out over its bins, so its counts add up to the spots exactly;
+it learns (the deviance falls); a two-stage run on top of it reports the regression as its answer by
+default; with ``spot_consistent`` every sample of a diffusion run adds up to the spots too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from diffst.config import parse_config
+from diffst.data.dataset import PreparedTiles
+from diffst.data.tiling import block_sum
+from diffst.errors import InputError
+from diffst.inference.predict import predict_checkpoint
+from diffst.training import train
+from diffst.training.objectives import poisson_deviance
+from test_training import _config as tiny_config
+
+
+@pytest.fixture(scope="module")
+def spot_run(prepared, tmp_path_factory) -> Path:
+    """A tiny spot-ratio regression run (40 steps) on ``prepared``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = tiny_config(prepared, tmp_path_factory.mktemp("spot") / "run", steps=40, objective="regression",
+                          regression="spot_poisson", lr=3e-3, log_every=1)
+        return train(parse_config(cfg))
+    finally:
+        torch.set_num_threads(before)
+
+
+def _spot_sums_match(counts: np.ndarray, data: Path, split: str = "test") -> None:
+    tiles = PreparedTiles(data, split)
+    lr, mask = np.asarray(tiles.lr_counts, np.float64), np.asarray(tiles.lr_mask, bool)
+    sums = block_sum(np.asarray(counts, np.float64), tiles.geometry.scale)
+    measured = np.broadcast_to(mask[..., None, :, :], sums.shape[-4:])
+    np.testing.assert_allclose(sums[..., measured], np.broadcast_to(lr, sums.shape)[..., measured], rtol=1e-3, atol=1e-3)
+
+
+def test_poisson_deviance_is_zero_at_the_observation_and_positive_elsewhere():
+    y = torch.tensor([0.0, 1.0, 3.0, 10.0])
+    torch.testing.assert_close(poisson_deviance(y, y), torch.zeros(4), atol=1e-5, rtol=0)
+    assert (poisson_deviance(y, y * 1.5 + 0.2) > 0).all()
+
+
+def _train_deviance(counts: np.ndarray, data: Path) -> float:
+    observed = torch.as_tensor(np.asarray(PreparedTiles(data, "train").hr_counts, np.float64))
+    return float(poisson_deviance(observed, torch.as_tensor(np.asarray(counts, np.float64))).mean())
+
+
+def test_spot_regression_learns_and_adds_up_to_the_spots(spot_run, prepared):
+    from diffst.core.spots import share_out_spots
+    from diffst.diffusion.target import lr_on_hr_grid
+
+    # Learning: on its training tiles the run fits better than its starting point (the prior allocation).
+    tiles, fitted, _ = predict_checkpoint(spot_run, prepared, split="train", device="cpu", progress=False)
+    lr_model = torch.stack([tiles[i]["lr"] for i in range(len(tiles))])
+    prior = tiles.normaliser.to_log1p(lr_on_hr_grid(lr_model, fitted.mean.shape[-2:]))
+    start = share_out_spots(prior, torch.tensor(np.asarray(tiles.lr_counts, np.float32)), tiles.geometry.scale)
+    assert _train_deviance(fitted.mean, prepared) < 0.95 * _train_deviance(start.numpy(), prepared)
+    for spot_consistent in (True, False):  # consistent by construction, with or without the projection
+        _, preds, extras = predict_checkpoint(spot_run, prepared, device="cpu", progress=False,
+                                              sampler={"spot_consistent": spot_consistent})
+        assert np.isfinite(preds.mean).all() and preds.mean.min() >= 0
+        _spot_sums_match(preds.mean, prepared)
+    assert extras["sampler"]["point_estimate"] == "base"
+
+
+def test_two_stage_answer_is_the_regression_and_samples_add_up(spot_run, prepared, tmp_path, one_thread):
+    cfg = tiny_config(prepared, tmp_path / "two", steps=4, base_run=str(spot_run))
+    cfg["diffusion"] = {"target": "regression_residual", "parameterization": "v"}
+    run = train(parse_config(cfg))
+    sampler = {"steps": 2, "num_samples": 2, "probe_draws": 2}
+    _, two, extras = predict_checkpoint(run, prepared, device="cpu", progress=False, sampler=sampler)
+    _, reg, _ = predict_checkpoint(spot_run, prepared, device="cpu", progress=False)
+    assert extras["sampler"]["point_estimate"] == "base"
+    np.testing.assert_allclose(two.mean, reg.mean, rtol=1e-4, atol=1e-4)
+    counts = two.samples_model
+    from diffst.runs import load_run
+
+    norm = load_run(run).dataset.normaliser
+    _spot_sums_match(norm.to_counts(counts), prepared)
+    assert (two.std > 0).any()
+    _, probe, _ = predict_checkpoint(run, prepared, device="cpu", progress=False,
+                                     sampler={**sampler, "point_estimate": "x0_probe"})
+    _spot_sums_match(probe.mean, prepared)
+    # Without the projection, samples of a barely trained residual diffusion do not add up.
+    _, free, _ = predict_checkpoint(run, prepared, device="cpu", progress=False,
+                                    sampler={**sampler, "spot_consistent": False})
+    with pytest.raises(AssertionError):
+        _spot_sums_match(norm.to_counts(free.samples_model), prepared)
+
+
+def test_base_point_estimate_needs_a_two_stage_run(prepared, tmp_path, one_thread):
+    run = train(parse_config(tiny_config(prepared, tmp_path / "plain", steps=1, checkpoint_every=1)))
+    with pytest.raises(InputError, match="point_estimate 'base' needs a two-stage run"):
+        predict_checkpoint(run, prepared, device="cpu", progress=False,
+                           sampler={"steps": 1, "point_estimate": "base"})
