@@ -134,3 +134,17 @@ def test_cli_rejects_bad_options_with_one_line(tmp_path, args, message):
     text = " ".join(result.output.split())
     assert message in text, text
     assert not out.exists()
+
+
+def test_benchmark_genes_are_the_most_counted_ones():
+    """Without held-out regions the top-N genes are counted over every sample (they were alphabetical once)."""
+    import numpy as np
+
+    from diffst.data.prepare import select_genes
+    from diffst.example import load_example
+
+    sample = load_example()
+    counts = np.bincount(sample.transcripts["gene"].to_numpy(), minlength=len(sample.genes))
+    chosen = select_genes([sample], 5, None)
+    assert chosen == [sample.genes[i] for i in np.argsort(-counts, kind="stable")[:5]]
+    assert chosen != sorted(sample.genes)[:5]

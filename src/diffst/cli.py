@@ -306,7 +306,7 @@ def benchmark(
                                               "full (preset cpu, 2000 steps).")] = "tiny",
     n_genes: Annotated[int, typer.Option(help="Top-N genes by total counts, fixed for all folds.")] = 25,
     genes: Annotated[str | None, typer.Option(help="Comma-separated gene list (overrides --n-genes).")] = None,
-    train_stride: Annotated[float | None, typer.Option(help="Stride (µm) between training tiles; default half a tile.")] = None,
+    train_stride: Annotated[float | None, typer.Option(help="Stride (µm) between training tiles; default a tenth of a tile.")] = None,
     min_tissue: Annotated[float, typer.Option(help="Minimum fraction of a tile that shows tissue.")] = 0.5,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",

@@ -1,7 +1,8 @@
-"""The methods of the benchmark: training-free baselines, the histology ridge, and trained Diff-ST variants.
+"""The methods of the benchmark: training-free baselines, the paper's trained baselines, Diff-ST, its ablations.
 
 Every method maps a prepared fold (train split to learn from, test split to predict) to HR counts of the
-test tiles, shape (tiles, genes, H, W).
+test tiles, shape (tiles, genes, H, W). Trained methods predict as ``diffst predict`` does by default: their
+answers are spot-consistent (``sampler.spot_consistent``); ``+spots`` gives a baseline the same projection.
 """
 
 from __future__ import annotations
@@ -14,13 +15,13 @@ import numpy as np
 
 log = logging.getLogger("diffst.benchmark")
 
-# Trained methods: run-config overrides on top of the budget's preset.
+# Stage one of Diff-ST: the Diff-ST network as a spot-ratio regression (train.regression: spot_poisson).
+SPOT_REGRESSION: dict[str, Any] = {"train": {"objective": "regression", "regression": "spot_poisson"}}
+# Trained methods of one run: run-config overrides on top of the budget's preset.
 LEARNED: dict[str, dict[str, Any]] = {
-    "diffst": {},
-    "regression": {"train": {"objective": "regression"}},
-    "diffst-no-cam": {"model": {"use_cam": False}},
-    "diffst-no-graph": {"model": {"use_graph": False}},
-    "diffst-no-hier": {"model": {"use_hierarchical": False}},
+    "regression": SPOT_REGRESSION,
+    # The paper's single-stage Diff-ST (diffusion of the residual over interpolated LR, x0-probe answer).
+    "diffst-one-stage": {},
     # The paper's comparison methods: a diffusion baseline and four deterministic regressors.
     "guided-dm": {"model": {"arch": "guided_dm"}},
     "unet": {"model": {"arch": "unet"}, "train": {"objective": "regression"}},
@@ -28,9 +29,20 @@ LEARNED: dict[str, dict[str, Any]] = {
     "attention-unet": {"model": {"arch": "attention_unet"}, "train": {"objective": "regression"}},
     "histogene": {"model": {"arch": "histogene"}, "train": {"objective": "regression"}},
 }
-BASELINES = ("bicubic", "nearest", "ridge", "tesla")
-METHODS = (*BASELINES, *LEARNED)
-ABLATIONS = ("diffst", "diffst-no-cam", "diffst-no-graph", "diffst-no-hier")
+# Two-stage methods (Diff-ST and its ablations): model overrides of both stages. Stage one is the
+# spot-ratio regression (run folder ``regression<suffix>-...``, shared with the ``regression`` method),
+# stage two a diffusion of its residual; the answer is stage one's, the samples' spread stage two's.
+TWO_STAGE: dict[str, dict[str, Any]] = {
+    "diffst": {},
+    "diffst-no-cam": {"use_cam": False},
+    "diffst-no-graph": {"use_graph": False},
+    "diffst-no-hier": {"use_hierarchical": False},
+}
+# Training-free baselines; "+spots": the same output made spot-consistent (project_to_spots).
+BASELINES = ("bicubic", "nearest", "ridge", "tesla", "bicubic+spots", "ridge+spots", "tesla+spots")
+TRAINED = (*LEARNED, *TWO_STAGE)
+METHODS = (*BASELINES, *TRAINED)
+ABLATIONS = tuple(TWO_STAGE)
 # Budget -> run preset of the trained methods (tiny: a few steps, for CI and tests; full: the cpu preset).
 BUDGETS = {"tiny": "tiny", "full": "cpu"}
 
@@ -46,26 +58,47 @@ def parse_methods(text: str) -> list[str]:
     return names
 
 
-def run_config(method: str, data_path: Path, run_dir: Path, budget: str, seed: int, device: str):
-    """Build the :class:`~diffst.config.RunConfig` a trained method uses on one fold."""
+def _overrides(method: str, stage: str) -> dict[str, Any]:
+    """Run-config overrides of ``method`` (``stage``: ``base`` or ``diffusion`` of a two-stage method)."""
+    if method in LEARNED:
+        return {section: dict(values) for section, values in LEARNED[method].items()}
+    model = dict(TWO_STAGE[method])
+    if stage == "base":
+        return {"model": model, **{k: dict(v) for k, v in SPOT_REGRESSION.items()}}
+    return {"model": model, "diffusion": {"target": "regression_residual"}}
+
+
+def base_run_dir(method: str, run_dir: Path, budget: str, seed: int) -> Path:
+    """Run folder of a two-stage method's stage one, beside its own (``diffst`` shares ``regression``'s)."""
+    return run_dir.parent / f"regression{method[len('diffst'):]}-{budget}-seed{seed}"
+
+
+def run_config(method: str, data_path: Path, run_dir: Path, budget: str, seed: int, device: str,
+               stage: str = "diffusion", base_run: Path | None = None):
+    """Build the :class:`~diffst.config.RunConfig` a trained method (or one stage of it) uses on one fold."""
     from diffst.config import parse_config
 
     data: dict[str, Any] = {"preset": BUDGETS[budget], "data": {"path": str(data_path), "example": None},
                             "run_dir": str(run_dir), "seed": seed, "device": device}
-    for section, values in LEARNED[method].items():
-        data[section] = dict(values)
+    data.update(_overrides(method, stage))
+    if base_run is not None:
+        data.setdefault("train", {})["base_run"] = str(base_run)
     if budget == "full":
         data.setdefault("train", {})["val_every"] = 0  # folds have no val split
     return parse_config(data, f"benchmark method {method}")
 
 
 def train_method(method: str, data_path: Path, run_dir: Path, budget: str, seed: int, device: str) -> Path:
-    """Train (or resume, or reuse) a trained method's run on a fold's train split."""
+    """Train (or resume, or reuse) a trained method's run(s) on a fold's train split; returns the run to predict."""
     from diffst.training import train
 
-    cfg = run_config(method, data_path, run_dir, budget, seed, device)
-    resume = (run_dir / "checkpoints").is_dir()
-    return train(cfg, resume=resume)
+    base = None
+    if method in TWO_STAGE:
+        base_dir = base_run_dir(method, run_dir, budget, seed)
+        cfg = run_config(method, data_path, base_dir, budget, seed, device, stage="base")
+        base = train(cfg, resume=(base_dir / "checkpoints").is_dir())
+    cfg = run_config(method, data_path, run_dir, budget, seed, device, base_run=base)
+    return train(cfg, resume=(run_dir / "checkpoints").is_dir())
 
 
 def predict_method(method: str, data_path: Path, *, run_dir: Path | None = None, budget: str = "tiny",
@@ -94,6 +127,11 @@ def predict_method(method: str, data_path: Path, *, run_dir: Path | None = None,
     geom = test.geometry
     hr_shape = (geom.tile_hr, geom.tile_hr)
     lr, tissue = np.asarray(test.lr_counts), np.asarray(test.tissue)
+    if method.endswith("+spots"):
+        from diffst.core.spots import project_to_spots
+
+        raw = predict_method(method.removesuffix("+spots"), data_path)
+        return project_to_spots(np.clip(raw, 0, None), lr, geom.scale, np.asarray(test.lr_mask, bool))
     if method in ("bicubic", "nearest"):
         from diffst.baselines.interpolation import interpolate_lr
 
@@ -109,12 +147,12 @@ def predict_method(method: str, data_path: Path, *, run_dir: Path | None = None,
         model = HistologyRidge().fit(np.asarray(train.lr_counts), np.asarray(train.tissue),
                                      np.asarray(train.hr_counts), geom.scale)
         return model.predict(lr, tissue, hr_shape, geom.scale)
-    if method in LEARNED:
+    if method in TRAINED:
         if run_dir is None:
             raise ValueError(f"method {method} needs a run folder")
         from diffst.inference.predict import predict_checkpoint
 
-        train_method(method, data_path, run_dir, budget, seed, device)
-        _, preds, _ = predict_checkpoint(run_dir, data_path, split="test", device=device, seed=seed, progress=False)
+        run = train_method(method, data_path, run_dir, budget, seed, device)
+        _, preds, _ = predict_checkpoint(run, data_path, split="test", device=device, seed=seed, progress=False)
         return np.asarray(preds.mean, dtype=np.float32)
     raise ValueError(f"unknown method {method}")

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from diffst.atomic import atomic_output
 from diffst.benchmark.folds import Fold, make_folds
-from diffst.benchmark.methods import BUDGETS, LEARNED, METHODS, predict_method
+from diffst.benchmark.methods import BUDGETS, METHODS, TRAINED, predict_method
 from diffst.core.sample import Sample
 from diffst.errors import InputError
 
@@ -152,7 +152,8 @@ def run_benchmark(
         The genes: a given list, else the top ``n_genes`` by total counts over all samples, fixed for all
         folds so that methods and folds are compared on the same genes.
     train_stride_um, min_tissue
-        Stride of training tiles (default half a tile) and the minimum tissue fraction of a tile.
+        Stride of training tiles (default a tenth of a tile: overlapping crops, as the demo trains on) and
+        the minimum tissue fraction of a tile.
     seed, device
         Seed of training, prediction and the ceiling; torch device of the trained methods.
     progress
@@ -180,6 +181,8 @@ def run_benchmark(
     has_points = all(s.has_points for s in samples)
     all_cells, fold_rows = [], []
     geometries = {scale: tile_preset(preset, scale) for scale in scales}
+    if train_stride_um is None:  # overlapping training tiles: more distinct crops of the little training tissue
+        train_stride_um = min(g.tile_um for g in geometries.values()) / 10
     plan = [(scale, fold) for scale in scales for fold in make_folds(samples, geometries[scale], k, layout)]
     bar = tqdm(total=len(plan) * len(methods), desc="Benchmark cells", unit="cell", disable=not progress)
     for scale, fold in plan:
@@ -226,7 +229,7 @@ def run_benchmark(
                     test = PreparedTiles(data_path, "test")
                 run_dir = out / "runs" / f"s{scale}" / fold.name / f"{method}-{budget}-seed{seed}"
                 start = time.perf_counter()
-                pred = predict_method(method, data_path, run_dir=run_dir if method in LEARNED else None,
+                pred = predict_method(method, data_path, run_dir=run_dir if method in TRAINED else None,
                                       budget=budget, seed=seed, device=device)
                 truth = np.asarray(test.hr_counts)
                 cell = {"setup": setup, "scale": scale, "fold": fold.name, "sample": fold.sample, "method": method,

@@ -76,7 +76,8 @@ def select_genes(samples: Sequence[Sample], n_genes: int | None, genes: Sequence
     """Choose the genes: the given list, or the top-N genes by total counts in the training data.
 
     A given list is checked against every sample; the top N are counted outside held-out samples and
-    regions, among genes present in every sample.
+    regions, among genes present in every sample. ``exclude`` maps each training sample to its held-out
+    rectangles (samples missing from it are held out whole); None counts every sample everywhere.
     """
     if genes:
         repeated = sorted({g for g in genes if list(genes).count(g) > 1})
@@ -90,7 +91,7 @@ def select_genes(samples: Sequence[Sample], n_genes: int | None, genes: Sequence
     common = set(samples[0].genes).intersection(*[s.genes for s in samples[1:]])
     totals = pd.Series(0.0, index=sorted(common))
     for s in samples:
-        rects = (exclude or {}).get(s.name)
+        rects = [] if exclude is None else exclude.get(s.name)
         if rects is None:
             continue
         xy = s.xy_um()
