@@ -57,6 +57,7 @@ __all__ = [
     "verify_checkpoint",
     "write_manifest",
     "RegressionOutput",
+    "build_run_model",
     "regression_output",
 ]
 
@@ -206,6 +207,22 @@ class Run:
         tile = self.dataset.geometry.tile_hr if self.dataset is not None else int(batch["hr"].shape[-1])
         return regression_output(self.model, cond, (cond.lr.shape[0], n_genes, tile, tile), self.config,
                                  self.dataset).maps
+
+
+def build_run_model(config: RunConfig) -> nn.Module:
+    """Build the model a run trains.
+
+    The registered ``model.arch``, with the image head of :class:`~diffst.models.spot_ratio.SpotRatioModel`
+    around it for a ``spot_poisson`` regression.
+    """
+    from diffst.models.registry import build_model
+    from diffst.models.spot_ratio import SpotRatioModel
+
+    model_cfg = config.model_config_resolved()
+    model = build_model(model_cfg)
+    if config.train.objective == "regression" and config.train.regression == "spot_poisson":
+        model = SpotRatioModel(model, model_cfg.n_genes, model_cfg.image_channels)
+    return model
 
 
 @dataclass
@@ -541,13 +558,11 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", ema: bool = T
     InputError
         If the checkpoint is missing, damaged or unreadable (the message names the folder and the file).
     """
-    from diffst.models.registry import build_model
-
     folder = find_checkpoint(path)
     weights = "ema" if ema else "model"
     verify_checkpoint(folder, (STATE, CONFIG, WEIGHTS[weights]))
     state, config = _read_meta(folder)
-    model = build_model(config.model_config_resolved())
+    model = build_run_model(config)
     _load(folder, WEIGHTS[weights], lambda p: model.load_state_dict(load_file(p, device="cpu")))
     model.to(device).eval()
     spec = state.get("dataset")

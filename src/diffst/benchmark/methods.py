@@ -15,11 +15,10 @@ import numpy as np
 
 log = logging.getLogger("diffst.benchmark")
 
-# Stage one of Diff-ST: the Diff-ST network as a spot-ratio regression (train.regression: spot_poisson).
-SPOT_REGRESSION: dict[str, Any] = {"train": {"objective": "regression", "regression": "spot_poisson"}}
 # Trained methods of one run: run-config overrides on top of the budget's preset.
 LEARNED: dict[str, dict[str, Any]] = {
-    "regression": SPOT_REGRESSION,
+    # Diff-ST's stage one alone: the spot-ratio regression (diffst.training.recipe).
+    "regression": {"train": {"objective": "regression", "regression": "spot_poisson"}},
     # The paper's single-stage Diff-ST (diffusion of the residual over interpolated LR, x0-probe answer).
     "diffst-one-stage": {},
     # The paper's comparison methods: a diffusion baseline and four deterministic regressors.
@@ -58,14 +57,27 @@ def parse_methods(text: str) -> list[str]:
     return names
 
 
-def _overrides(method: str, stage: str) -> dict[str, Any]:
-    """Run-config overrides of ``method`` (``stage``: ``base`` or ``diffusion`` of a two-stage method)."""
+def run_config_dict(method: str, data_path: Path, run_dir: Path, budget: str, seed: int, device: str) -> dict[str, Any]:
+    """Return the run configuration (a mapping) of a trained method on one fold (two-stage: stage two's)."""
+    data: dict[str, Any] = {"preset": BUDGETS[budget], "data": {"path": str(data_path), "example": None},
+                            "run_dir": str(run_dir), "seed": seed, "device": device,
+                            "train": {"val_every": 0}}  # folds have no val split
     if method in LEARNED:
-        return {section: dict(values) for section, values in LEARNED[method].items()}
-    model = dict(TWO_STAGE[method])
-    if stage == "base":
-        return {"model": model, **{k: dict(v) for k, v in SPOT_REGRESSION.items()}}
-    return {"model": model, "diffusion": {"target": "regression_residual"}}
+        for section, values in LEARNED[method].items():
+            data.setdefault(section, {}).update(values)
+    else:
+        data["model"] = dict(TWO_STAGE[method])
+    steps = stage_one_steps(budget)
+    if data["train"].get("objective") == "regression" and steps is not None:
+        data["train"]["steps"] = steps  # every regression trains as long as Diff-ST's stage one
+    return data
+
+
+def stage_one_steps(budget: str) -> int | None:
+    """Return the steps of regression runs and of stage one (None: the budget preset's)."""
+    from diffst.training.recipe import STAGE_ONE_STEPS
+
+    return STAGE_ONE_STEPS if budget == "full" else None
 
 
 def base_run_dir(method: str, run_dir: Path, budget: str, seed: int) -> Path:
@@ -73,32 +85,29 @@ def base_run_dir(method: str, run_dir: Path, budget: str, seed: int) -> Path:
     return run_dir.parent / f"regression{method[len('diffst'):]}-{budget}-seed{seed}"
 
 
-def run_config(method: str, data_path: Path, run_dir: Path, budget: str, seed: int, device: str,
-               stage: str = "diffusion", base_run: Path | None = None):
-    """Build the :class:`~diffst.config.RunConfig` a trained method (or one stage of it) uses on one fold."""
+def run_config(method: str, data_path: Path, run_dir: Path, budget: str, seed: int, device: str):
+    """Build the :class:`~diffst.config.RunConfig` of a trained method on one fold (two-stage: stage two's)."""
     from diffst.config import parse_config
 
-    data: dict[str, Any] = {"preset": BUDGETS[budget], "data": {"path": str(data_path), "example": None},
-                            "run_dir": str(run_dir), "seed": seed, "device": device}
-    data.update(_overrides(method, stage))
-    if base_run is not None:
-        data.setdefault("train", {})["base_run"] = str(base_run)
-    if budget == "full":
-        data.setdefault("train", {})["val_every"] = 0  # folds have no val split
+    data = run_config_dict(method, data_path, run_dir, budget, seed, device)
     return parse_config(data, f"benchmark method {method}")
 
 
 def train_method(method: str, data_path: Path, run_dir: Path, budget: str, seed: int, device: str) -> Path:
     """Train (or resume, or reuse) a trained method's run(s) on a fold's train split; returns the run to predict."""
+    from diffst.config import parse_config
+    from diffst.runs import latest_checkpoint
     from diffst.training import train
+    from diffst.training.recipe import stage_one_config, stage_two_config
 
-    base = None
+    name = f"benchmark method {method}"
+    data = run_config_dict(method, data_path, run_dir, budget, seed, device)
     if method in TWO_STAGE:
-        base_dir = base_run_dir(method, run_dir, budget, seed)
-        cfg = run_config(method, data_path, base_dir, budget, seed, device, stage="base")
-        base = train(cfg, resume=(base_dir / "checkpoints").is_dir())
-    cfg = run_config(method, data_path, run_dir, budget, seed, device, base_run=base)
-    return train(cfg, resume=(run_dir / "checkpoints").is_dir())
+        first = stage_one_config(data, stage_one_steps(budget))
+        first["run_dir"] = str(base_run_dir(method, run_dir, budget, seed))
+        base = train(parse_config(first, name), resume=latest_checkpoint(first["run_dir"]) is not None)
+        data = stage_two_config(data, base)
+    return train(parse_config(data, name), resume=latest_checkpoint(run_dir) is not None)
 
 
 def predict_method(method: str, data_path: Path, *, run_dir: Path | None = None, budget: str = "tiny",

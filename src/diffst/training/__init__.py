@@ -21,10 +21,11 @@ _LAZY = {
     "load_checkpoint": "diffst.runs",
     "latest_checkpoint": "diffst.runs",
     "read_training_state": "diffst.runs",
+    "train_two_stage": "diffst.training.recipe",
 }
 
 __all__ = ["train", "Trainer", "load_config", "RunConfig", "load_run", "load_checkpoint", "latest_checkpoint",
-           "read_training_state"]
+           "read_training_state", "train_two_stage"]
 
 
 def __getattr__(name: str):

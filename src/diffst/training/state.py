@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from diffst.config import RunConfig
-from diffst.models.registry import build_model
+from diffst.runs import build_run_model
 from diffst.training.checkpoint import restore_rng
 from diffst.training.ema import EMA
 
@@ -67,7 +67,7 @@ class TrainState:
         TrainState
         """
         torch.manual_seed(cfg.seed)
-        model = build_model(cfg.model_config_resolved())
+        model = build_run_model(cfg)
         model.set_coexpression(coexpression)
         train = cfg.train
         optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, betas=tuple(train.betas), eps=train.eps,
