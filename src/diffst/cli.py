@@ -266,7 +266,7 @@ def demo(
 
     from diffst.atomic import check_writable_target
     from diffst.core.geometry import tile_preset
-    from diffst.demo import run_demo
+    from diffst.demo import best_baseline, run_demo
     from diffst.inference.predict import resolve_device
 
     logging.basicConfig(level=logging.WARNING)
@@ -278,9 +278,10 @@ def demo(
         check_writable_target(out, "demo output", folder=True)
         report = run_demo(out, scale=scale, steps=steps, num_samples=samples, device=device, seed=seed)
     typer.echo(f"Held-out region, {report['setup']['test_tiles']} tiles, s = {scale}:")
-    for name in ("bicubic", "diffst"):
+    for label, name in (("bicubic", "bicubic"), ("best baseline", best_baseline(report)), ("Diff-ST", "diffst")):
         m = report[name]
-        typer.echo(f"  {name:8s} PCC {m['pcc']:.3f}  RMSE(counts) {m['rmse_counts']:.3f}")
+        shown = label if label == name or name == "diffst" else f"{label} ({name})"
+        typer.echo(f"  {shown:28s} PCC {m['pcc']:.3f}  RMSE(counts) {m['rmse_counts']:.3f}")
     typer.echo(f"  noise ceiling PCC {report['noise_ceiling']['pcc']:.3f}")
     typer.echo(f"Outputs in {out}: prediction_s{scale}.h5ad, metrics_s{scale}.json, comparison_s{scale}.png, "
                f"prepared_s{scale}/preview.png")
