@@ -103,3 +103,25 @@ def test_base_point_estimate_needs_a_two_stage_run(prepared, tmp_path, one_threa
     with pytest.raises(InputError, match="point_estimate 'base' needs a two-stage run"):
         predict_checkpoint(run, prepared, device="cpu", progress=False,
                            sampler={"steps": 1, "point_estimate": "base"})
+
+
+def test_cli_trains_both_stages_and_predicts(prepared, tmp_path, one_thread, monkeypatch):
+    import yaml
+    from typer.testing import CliRunner
+
+    from diffst.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(prepared, tmp_path / "run", steps=2)))
+    result = CliRunner().invoke(app, ["train", "--config", str(config), "--two-stage", "--stage-one-steps", "3"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "run-regression").is_dir() and "Stage one" in result.output
+    from diffst.runs import load_run
+
+    run = load_run(tmp_path / "run")
+    assert run.base is not None and run.base.path.parent.parent == tmp_path / "run-regression"
+    assert run.base.step == 3 and run.config.train.regression == "mse" and run.base.config.train.regression == "spot_poisson"
+    bad = CliRunner().invoke(app, ["train", "--config", str(config), "--two-stage", "--stage-one-steps", "0"])
+    assert bad.exit_code != 0 and "--stage-one-steps must be at least 1" in bad.output

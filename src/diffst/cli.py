@@ -13,6 +13,7 @@ from typing import Annotated, NoReturn
 import typer
 
 from diffst.errors import DiffSTError, TrainingInterrupted
+from diffst.training.recipe import STAGE_ONE_STEPS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Diff-ST: super-resolved spatial transcriptomics.")
 
@@ -161,20 +162,29 @@ def train_command(
     config: Annotated[Path, typer.Option(help="Run configuration (YAML), e.g. configs/cpu_xenium.yaml.")],
     resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint of run_dir.")] = False,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config value: section.key=value.")] = None,
+    two_stage: Annotated[bool, typer.Option(help="Diff-ST's recipe: a short spot-ratio regression "
+                                                  "(<run_dir>-regression), then the diffusion of its residual.")] = False,
+    stage_one_steps: Annotated[int, typer.Option(help="Training steps of stage one (--two-stage).")] = STAGE_ONE_STEPS,
 ) -> None:
     """Train a Diff-ST denoiser (AdamW, EMA, checkpoints; multi-GPU via torchrun -m diffst.training).
 
     When the config has ``data.example`` and ``data.path`` is absent or empty, the built-in example is
-    prepared there first.
+    prepared there first. With --two-stage both stages are trained (finished ones reused, unfinished ones
+    resumed); predict with the stage-two run folder.
     """
     from diffst.config import load_config
     from diffst.example import prepare_example_data
-    from diffst.training import train
+    from diffst.training import train, train_two_stage
 
     with _user_errors():
         cfg = load_config(config, set_ or [])
         prepare_example_data(cfg)
-        run_dir = train(cfg, resume=resume)
+        if two_stage:
+            _positive(stage_one_steps, "--stage-one-steps")
+            base, run_dir = train_two_stage(cfg, stage_one_steps=stage_one_steps, name=str(config))
+            typer.echo(f"Stage one (regression): {base}")
+        else:
+            run_dir = train(cfg, resume=resume)
     typer.echo(f"Run folder: {run_dir}")
 
 

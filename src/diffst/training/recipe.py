@@ -20,13 +20,18 @@ __all__ = ["STAGE_ONE_STEPS", "stage_one_config", "stage_two_config", "train_two
 STAGE_ONE_STEPS = 200
 
 
-def stage_one_config(config: dict[str, Any], steps: int | None = STAGE_ONE_STEPS) -> dict[str, Any]:
-    """Return the stage-one (regression) configuration of a two-stage run configuration (plain dicts).
+def _as_dict(config: Any) -> dict[str, Any]:
+    """Return a run configuration as a mapping (a :class:`~diffst.config.RunConfig` dumped, a mapping copied)."""
+    return config.to_dict() if hasattr(config, "to_dict") else copy.deepcopy(dict(config))
+
+
+def stage_one_config(config: Any, steps: int | None = STAGE_ONE_STEPS) -> dict[str, Any]:
+    """Return the stage-one (regression) configuration of a two-stage run configuration, as a mapping.
 
     Parameters
     ----------
     config
-        The run's configuration as a mapping (a YAML file's content), with ``run_dir``.
+        The run's configuration: a :class:`~diffst.config.RunConfig` or a mapping (a YAML file's content).
     steps
         Stage one's training steps; None keeps the configuration's own length.
 
@@ -35,8 +40,8 @@ def stage_one_config(config: dict[str, Any], steps: int | None = STAGE_ONE_STEPS
     dict
         A copy with ``run_dir`` ``<run_dir>-regression`` and the regression settings.
     """
-    data = copy.deepcopy(config)
-    data["run_dir"] = f"{Path(config['run_dir'])}-regression"
+    data = _as_dict(config)
+    data["run_dir"] = f"{Path(data['run_dir'])}-regression"
     train = data.setdefault("train", {})
     train.update({"objective": "regression", "regression": "spot_poisson"})
     train.pop("base_run", None)
@@ -48,22 +53,22 @@ def stage_one_config(config: dict[str, Any], steps: int | None = STAGE_ONE_STEPS
     return data
 
 
-def stage_two_config(config: dict[str, Any], base_run: str | Path) -> dict[str, Any]:
-    """Return the stage-two (residual diffusion) configuration: ``config`` refining ``base_run``."""
-    data = copy.deepcopy(config)
+def stage_two_config(config: Any, base_run: str | Path) -> dict[str, Any]:
+    """Return the stage-two (residual diffusion) configuration, a mapping: ``config`` refining ``base_run``."""
+    data = _as_dict(config)
     data.setdefault("diffusion", {})["target"] = "regression_residual"
     data.setdefault("train", {})["base_run"] = str(base_run)
     return data
 
 
-def train_two_stage(config: dict[str, Any], *, stage_one_steps: int | None = STAGE_ONE_STEPS,
+def train_two_stage(config: Any, *, stage_one_steps: int | None = STAGE_ONE_STEPS,
                     name: str = "two-stage run") -> tuple[Path, Path]:
     """Train (or resume, or reuse) both stages; returns the folders of stage one and stage two.
 
     Parameters
     ----------
     config
-        The run configuration as a mapping (see :func:`stage_one_config`).
+        The run configuration (see :func:`stage_one_config`); its ``run_dir`` is stage two's.
     stage_one_steps
         Steps of stage one (None: the configuration's own length).
     name
