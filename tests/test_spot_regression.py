@@ -125,3 +125,35 @@ def test_cli_trains_both_stages_and_predicts(prepared, tmp_path, one_thread, mon
     assert run.base.step == 3 and run.config.train.regression == "mse" and run.base.config.train.regression == "spot_poisson"
     bad = CliRunner().invoke(app, ["train", "--config", str(config), "--two-stage", "--stage-one-steps", "0"])
     assert bad.exit_code != 0 and "--stage-one-steps must be at least 1" in bad.output
+
+
+def test_bin_image_features_ignore_stain_strength_and_turn_with_the_tile():
+    from diffst.models.spot_ratio import bin_image_features
+
+    gen = torch.Generator().manual_seed(0)
+    tissue = torch.rand(2, 3, 64, 64, generator=gen) ** 3
+    feats = bin_image_features(tissue, (16, 16))
+    assert feats.shape == (2, 3 * 2 * 3, 16, 16)
+    torch.testing.assert_close(feats.mean(dim=(-2, -1)), torch.zeros(2, 18), atol=1e-4, rtol=0)
+    torch.testing.assert_close(feats.std(dim=(-2, -1)), torch.ones(2, 18), atol=1e-3, rtol=0)
+    # A fainter, offset stain (an affine change of intensity) gives the same features.
+    torch.testing.assert_close(bin_image_features(0.5 * tissue + 0.2, (16, 16)), feats, atol=1e-3, rtol=1e-3)
+    turned = bin_image_features(torch.rot90(tissue, 1, (-2, -1)), (16, 16))
+    torch.testing.assert_close(turned, torch.rot90(feats, 1, (-2, -1)), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(bin_image_features(torch.rand(2, 3, 64, 64, generator=gen), (16, 16)), feats)
+
+
+def test_spot_ratio_model_starts_as_its_backbone_and_learns_from_the_image(prepared, tmp_path):
+    from diffst.config import parse_config
+    from diffst.runs import build_run_model
+
+    cfg = parse_config(tiny_config(prepared, tmp_path / "r", steps=1, objective="regression", regression="spot_poisson"))
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"n_genes": 3, "image_channels": 1})})
+    model = build_run_model(cfg)
+    x, t = torch.zeros(2, 3, 20, 20), torch.zeros(2, dtype=torch.long)
+    cond = {"lr": torch.rand(2, 3, 4, 4), "tissue": torch.rand(2, 1, 128, 128),
+            "cells": torch.rand(2, 64, 1, 16, 16), "cell_entropy": torch.rand(2, 64)}
+    torch.testing.assert_close(model(x, t, **cond).prediction, model.backbone(x, t, **cond).prediction[:, :3])
+    torch.nn.init.normal_(model.image_head.weight)
+    other = {**cond, "tissue": torch.rand(2, 1, 128, 128)}
+    assert not torch.allclose(model(x, t, **cond).prediction, model(x, t, **other).prediction)
