@@ -17,8 +17,15 @@ log = logging.getLogger("diffst.benchmark")
 
 # Trained methods of one run: run-config overrides on top of the budget's preset.
 LEARNED: dict[str, dict[str, Any]] = {
-    # Diff-ST's stage one alone: the spot-ratio regression (diffst.training.recipe).
+    # Diff-ST's stage one alone: the spot-ratio regression (diffst.training.recipe); the point estimate of
+    # every two-stage method is its stage one's, so these are the cheap ablations of that answer.
     "regression": {"train": {"objective": "regression", "regression": "spot_poisson"}},
+    "regression-no-cam": {"model": {"use_cam": False}, "train": {"objective": "regression", "regression": "spot_poisson"}},
+    "regression-no-graph": {"model": {"use_graph": False},
+                            "train": {"objective": "regression", "regression": "spot_poisson"}},
+    "regression-no-hier": {"model": {"use_hierarchical": False},
+                           "train": {"objective": "regression", "regression": "spot_poisson"}},
+    "regression-mse": {"train": {"objective": "regression", "regression": "mse"}},  # no spot-ratio output
     # The paper's single-stage Diff-ST (diffusion of the residual over interpolated LR, x0-probe answer).
     "diffst-one-stage": {},
     # The paper's comparison methods: a diffusion baseline and four deterministic regressors.
@@ -41,7 +48,8 @@ TWO_STAGE: dict[str, dict[str, Any]] = {
 BASELINES = ("bicubic", "nearest", "ridge", "tesla", "bicubic+spots", "ridge+spots", "tesla+spots")
 TRAINED = (*LEARNED, *TWO_STAGE)
 METHODS = (*BASELINES, *TRAINED)
-ABLATIONS = tuple(TWO_STAGE)
+ABLATIONS = (*TWO_STAGE, "regression", "regression-no-cam", "regression-no-graph", "regression-no-hier",
+             "regression-mse")
 # Budget -> run preset of the trained methods (tiny: a few steps, for CI and tests; full: the cpu preset).
 BUDGETS = {"tiny": "tiny", "full": "cpu"}
 

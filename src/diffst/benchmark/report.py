@@ -132,7 +132,7 @@ def markdown(result: dict[str, Any]) -> str:
         lines += [f"| {key} | {m} | {_ci(row, 'pcc')} | {_ci(row, 'rmse_counts')} | {_fmt(row['ssim'])} | "
                   f"{_fmt(row['gap_closed'], 2)} |" for key, m, row in ablations]
     else:
-        lines.append("No Diff-ST variant was run (add diffst, diffst-no-cam, diffst-no-graph, diffst-no-hier to --methods).")
+        lines.append(f"No Diff-ST variant was run (add some of {', '.join(ABLATIONS)} to --methods).")
     skipped = [f for f in result["folds"] if f["status"] != "ok"]
     if skipped:
         lines += ["", "## Skipped folds", ""] + [f"- s{f['scale']} {f['fold']}: {f['reason']}" for f in skipped]
