@@ -87,6 +87,11 @@ def test_tiny_benchmark_writes_finite_metrics_and_intervals(tiny_benchmark):
         assert lo <= row["pcc"] <= hi or math.isclose(lo, hi)
         assert math.isfinite(row["gap_closed"])
     assert entry["methods"]["bicubic"]["gap_closed"] == 0.0
+    assert entry["methods"]["bicubic"]["pcc_vs_bicubic"] == 0.0
+    ridge = entry["methods"]["ridge"]  # paired difference = difference of the means over the same tiles
+    assert math.isclose(ridge["pcc_vs_bicubic"], ridge["pcc"] - entry["methods"]["bicubic"]["pcc"], abs_tol=1e-9)
+    lo, hi = ridge["pcc_vs_bicubic_ci"]
+    assert lo <= ridge["pcc_vs_bicubic"] <= hi
     assert 0 < entry["ceiling"]["pcc"] <= 1 and "n_genes_skipped" in entry["ceiling"]
     table = (out / "benchmark.md").read_text()
     assert "Table 1" in table and "Table 2" in table and "| s10 | ridge |" in table
