@@ -310,11 +310,16 @@ def benchmark(
     scales: Annotated[str, typer.Option(help="Comma-separated super-resolution factors, e.g. 5,10.")] = "10",
     folds: Annotated[int, typer.Option(help="Region folds per sample (k >= 2).")] = 4,
     fold_layout: Annotated[str, typer.Option(help="auto, strips (vertical) or grid.")] = "auto",
-    methods: Annotated[str, typer.Option(help="Comma-separated methods: bicubic, nearest, ridge, tesla, diffst, "
-                                               "regression, diffst-no-cam, diffst-no-graph, diffst-no-hier.")]
-    = "bicubic,nearest,ridge,tesla,diffst,regression",
+    methods: Annotated[str, typer.Option(help="Comma-separated methods: training-free bicubic, nearest, ridge, "
+                                               "tesla and their +spots forms (bicubic+spots, ...); trained diffst "
+                                               "(two-stage), regression (its stage one), unet, unetpp, "
+                                               "attention-unet, histogene, guided-dm, diffst-one-stage; ablations "
+                                               "diffst-no-cam/-no-graph/-no-hier, regression-no-cam/-no-graph/"
+                                               "-no-hier, regression-mse.")]
+    = "bicubic,nearest,ridge,tesla,ridge+spots,diffst",
     budget: Annotated[str, typer.Option(help="Training budget of trained methods: tiny (preset tiny, 8 steps) or "
-                                              "full (preset cpu, 2000 steps).")] = "tiny",
+                                              "full (preset cpu: 2000 diffusion steps; regressions and stage one "
+                                              "200).")] = "tiny",
     n_genes: Annotated[int, typer.Option(help="Top-N genes by total counts, fixed for all folds.")] = 25,
     genes: Annotated[str | None, typer.Option(help="Comma-separated gene list (overrides --n-genes).")] = None,
     train_stride: Annotated[float | None, typer.Option(help="Stride (µm) between training tiles; default a tenth of a tile.")] = None,

@@ -1,6 +1,7 @@
-"""Denoisers: Diff-ST and the Guided-DM baseline, their configuration and components.
+"""Denoisers: Diff-ST, the Guided-DM baseline and the regressor baselines, their configuration and components.
 
-Importing this package registers both models (:mod:`diffst.models.registry`), so
+Importing this package registers every model (:mod:`diffst.models.registry`): ``diffst``, ``guided_dm``,
+``unet``, ``unetpp``, ``attention_unet`` and ``histogene`` (:mod:`diffst.models.baselines`), so
 ``build_model(ModelConfig(arch=...))`` finds them.
 """
 

@@ -2,8 +2,8 @@
 
 The name is the value of ``ModelConfig.arch``.
 
-Diff-ST (``"diffst"``) and the Guided-DM baseline (``"guided_dm"``) register themselves when
-:mod:`diffst.models` is imported; a new model (a baseline, an ablation) registers the same way, in its own
+Diff-ST (``"diffst"``), the Guided-DM baseline (``"guided_dm"``) and the regressor baselines of
+:mod:`diffst.models.baselines` register themselves when :mod:`diffst.models` is imported; a new model (a baseline, an ablation) registers the same way, in its own
 module, without editing a central list::
 
     @register_model("my_baseline")
