@@ -104,7 +104,7 @@ def test_tiny_benchmark_writes_finite_metrics_and_intervals(tiny_benchmark):
 def test_second_run_reuses_every_cell(tiny_benchmark, monkeypatch):
     import diffst.benchmark.run as bench_run
     from diffst.benchmark import run_benchmark
-    from diffst.benchmark.run import clean_json
+    from diffst.benchmark.store import clean_json
 
     sample, out, first = tiny_benchmark
     cells = sorted((out / "cells").rglob("*.json"))

@@ -203,7 +203,7 @@ def plot_per_gene(entry: dict[str, Any], genes: list[str], scale_key: str, path:
 def write_report(out: str | Path, result: dict[str, Any]) -> dict[str, Path]:
     """Write ``benchmark.json``, ``benchmark.md`` and ``figures/`` (metrics and per-gene PCC per scale)."""
     from diffst.atomic import atomic_output
-    from diffst.benchmark.run import write_json
+    from diffst.benchmark.store import write_json
 
     out = Path(out)
     paths = {"json": out / "benchmark.json", "md": out / "benchmark.md"}

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -28,42 +27,13 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from diffst.atomic import atomic_output
 from diffst.benchmark.folds import Fold, make_folds
 from diffst.benchmark.methods import BUDGETS, METHODS, TRAINED, predict_method
+from diffst.benchmark.store import read_json, write_json
 from diffst.core.sample import Sample
 from diffst.errors import InputError
 
 log = logging.getLogger("diffst.benchmark")
-
-
-def clean_json(value: Any) -> Any:
-    """Make ``value`` strict JSON: NaN / inf become None, numpy scalars and arrays plain Python."""
-    if isinstance(value, dict):
-        return {str(k): clean_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [clean_json(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return clean_json(value.tolist())
-    if isinstance(value, (np.floating, float)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write ``data`` as strict JSON, atomically (old complete file or new complete file)."""
-    with atomic_output(path, directory=False) as tmp:
-        tmp.write_text(json.dumps(clean_json(data), indent=1))
-
-
-def read_json(path: Path) -> Any | None:
-    """Read a JSON file; None when it is missing or unreadable."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _cell_metrics(pred: np.ndarray, truth: np.ndarray, normaliser) -> dict[str, Any]:
