@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -71,7 +72,8 @@ def tiny_benchmark(tmp_path_factory):
 
 def test_tiny_benchmark_writes_finite_metrics_and_intervals(tiny_benchmark):
     _, out, result = tiny_benchmark
-    for name in ("benchmark.json", "benchmark.md", "figures/metrics_s10.png", "figures/per_gene_pcc_s10.png"):
+    for name in ("benchmark.json", "benchmark.md", "figures/metrics_s10.png", "figures/per_gene_pcc_s10.png",
+                 "figures/examples_s10.png"):
         assert (out / name).stat().st_size > 0, name
     saved = json.loads((out / "benchmark.json").read_text())
     assert saved["setup"]["methods"] == list(METHODS)
@@ -81,7 +83,8 @@ def test_tiny_benchmark_writes_finite_metrics_and_intervals(tiny_benchmark):
     entry = saved["summary"]["s10"]
     for method in METHODS:
         row = entry["methods"][method]
-        for key in ("pcc", "pcc_pooled", "rmse_counts", "mae_counts", "ssim", "paper_abs_pcc", "paper_rmse"):
+        for key in ("pcc", "pcc_pooled", "region_pcc", "rmse_counts", "region_rmse_counts", "mae_counts", "ssim",
+                    "paper_abs_pcc", "paper_rmse"):
             assert math.isfinite(row[key]), (method, key)
         lo, hi = row["pcc_ci"]
         assert lo <= row["pcc"] <= hi or math.isclose(lo, hi)
@@ -99,6 +102,25 @@ def test_tiny_benchmark_writes_finite_metrics_and_intervals(tiny_benchmark):
     for fold in ok:
         cells = [c for c in saved["cells"] if c["fold"] == fold["fold"]]
         assert len({tuple(c["tile_ids"]) for c in cells}) == 1
+        assert all("example" not in c for c in cells)  # example maps stay in the cell files
+
+
+def test_region_metrics_count_each_bin_once():
+    from diffst.evaluation.metrics import mosaic, region_metrics
+
+    rng = np.random.default_rng(0)
+    region = rng.poisson(2.0, size=(3, 30, 40)).astype(float)
+    origins = np.array([[0.0, 0.0], [100.0, 0.0], [200.0, 100.0]])  # 10 µm bins: offsets of 10 and 20 bins
+    tiles = np.stack([region[:, r : r + 20, c : c + 20] for c, r in ((0, 0), (10, 0), (20, 10))])
+    stitched, covered = mosaic(tiles, origins, 10.0)
+    assert stitched.shape == region.shape and covered.sum() == 20 * 30 + 20 * 20 - 10 * 10
+    np.testing.assert_allclose(stitched[:, covered], region[:, covered])
+    assert region_metrics(tiles, tiles, origins, 10.0) == {"region_pcc": 1.0, "region_rmse_counts": 0.0}
+    # A tile counted twice where tiles overlap would weigh overlaps double; stitched, one error per bin.
+    noisy = tiles + 1.0
+    assert math.isclose(region_metrics(noisy, tiles, origins, 10.0)["region_rmse_counts"], 1.0)
+    with pytest.raises(ValueError, match="bin grid"):
+        mosaic(tiles, origins + [[0.0, 0.0], [5.0, 0.0], [0.0, 0.0]], 10.0)
 
 
 def test_second_run_reuses_every_cell(tiny_benchmark, monkeypatch):

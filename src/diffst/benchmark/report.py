@@ -10,7 +10,7 @@ import numpy as np
 
 from diffst.benchmark.methods import ABLATIONS, METHODS
 
-METRICS = ("pcc", "pcc_pooled", "rmse_counts", "mae_counts", "ssim")
+METRICS = ("pcc", "pcc_pooled", "region_pcc", "rmse_counts", "region_rmse_counts", "mae_counts", "ssim")
 PAPER_METRICS = ("paper_abs_pcc", "paper_rmse")
 
 
@@ -64,7 +64,7 @@ def summarise(result: dict[str, Any], seed: int = 0) -> dict[str, Any]:
             row: dict[str, Any] = {"n_tiles": int(sum(n)), "n_folds": len(mine)}
             for key in (*METRICS, *PAPER_METRICS):
                 vals = _floats([c["metrics"].get(key) for c in mine])
-                if key == "rmse_counts":
+                if key in ("rmse_counts", "region_rmse_counts"):
                     row[key] = float(np.sqrt(_nanmean(vals**2, weights=n)))
                 else:
                     row[key] = float(_nanmean(vals, weights=n))
@@ -109,21 +109,24 @@ def markdown(result: dict[str, Any]) -> str:
         f"(preset `{setup['budget_preset']}`); seed {setup['seed']}.",
         "Metrics pooled over the test tiles of all folds; brackets: bootstrap 95 % interval over test tiles. "
         "PCC is the signed Pearson r per tile and gene; RMSE / MAE in counts per HR bin; gap closed = "
-        "(PCC − bicubic) / (ceiling − bicubic). Paper protocol (per-map min-max, |r|) in its own columns.", "",
+        "(PCC − bicubic) / (ceiling − bicubic); region PCC / RMSE: on each fold's held-out region stitched from "
+        "its test tiles (every bin once, overlaps averaged). Paper protocol (per-map min-max, |r|) in its own "
+        "columns.", "",
         "## Table 1: methods", "",
-        "| scale | method | tiles | PCC [95 % CI] | ΔPCC vs bicubic, paired [95 % CI] | pooled PCC | RMSE [95 % CI] "
-        "| MAE | SSIM | gap closed | paper |PCC| | paper RMSE |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| scale | method | tiles | PCC [95 % CI] | ΔPCC vs bicubic, paired [95 % CI] | pooled PCC | region PCC "
+        "| RMSE [95 % CI] | region RMSE | MAE | SSIM | gap closed | paper |PCC| | paper RMSE |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, entry in summary.items():
         for method, row in entry["methods"].items():
             paired = _ci(row, "pcc_vs_bicubic") if "pcc_vs_bicubic" in row else "–"
             lines.append(f"| {key} | {method} | {row['n_tiles']} | {_ci(row, 'pcc')} | {paired} | {_fmt(row['pcc_pooled'])} | "
-                         f"{_ci(row, 'rmse_counts')} | {_fmt(row['mae_counts'])} | {_fmt(row['ssim'])} | "
+                         f"{_fmt(row['region_pcc'])} | {_ci(row, 'rmse_counts')} | {_fmt(row['region_rmse_counts'])} | "
+                         f"{_fmt(row['mae_counts'])} | {_fmt(row['ssim'])} | "
                          f"{_fmt(row['gap_closed'], 2)} | {_fmt(row['paper_abs_pcc'])} | {_fmt(row['paper_rmse'])} |")
         if "ceiling" in entry:
             c = entry["ceiling"]
-            lines.append(f"| {key} | noise ceiling | | {_fmt(c['pcc'])} | | | | | | 1 | | |")
+            lines.append(f"| {key} | noise ceiling | | {_fmt(c['pcc'])} | | | | | | | | 1 | | |")
     notes = []
     for key, entry in summary.items():
         skipped = entry.get("ceiling", {}).get("n_genes_skipped")
@@ -200,6 +203,56 @@ def plot_per_gene(entry: dict[str, Any], genes: list[str], scale_key: str, path:
     _save(fig, path)
 
 
+def _example_methods(entry: dict[str, Any]) -> list[str]:
+    """Methods drawn in the example maps: bicubic, the best other non-Diff-ST method by PCC, Diff-ST."""
+    from diffst.benchmark.methods import BASELINES, LEARNED
+
+    others = [m for m in entry["methods"] if m != "bicubic" and (m in BASELINES or m in LEARNED)
+              and not m.startswith(("regression", "diffst"))]
+    best = max(others, key=lambda m: entry["methods"][m]["pcc"], default=None)
+    diffst = "diffst" if "diffst" in entry["methods"] else None
+    return [m for m in ("bicubic", best, diffst) if m is not None]
+
+
+def plot_examples(cells: list[dict[str, Any]], methods: list[str], genes: list[str], title: str, path: Path) -> bool:
+    """Stitched held-out region of one fold: observed counts and each method's, one column per gene.
+
+    Returns False (and draws nothing) when the cells carry no example maps (cells of older versions).
+    """
+    from matplotlib.figure import Figure
+
+    by_method = {c["method"]: c for c in cells if c.get("example")}
+    methods = [m for m in methods if m in by_method]
+    if not methods:
+        return False
+    truth = _floats_nd(by_method[methods[0]]["example"]["truth"])
+    rows = [("observed", truth)] + [(m, _floats_nd(by_method[m]["example"]["pred"])) for m in methods]
+    n_genes = truth.shape[0]
+    fig = Figure(figsize=(2.4 * n_genes, 2.0 * len(rows) + 0.6), layout="constrained")
+    axes = np.asarray(fig.subplots(len(rows), n_genes, squeeze=False))
+    for g in range(n_genes):
+        vmax = float(np.nanpercentile(truth[g], 99)) or 1.0
+        for r, (label, maps) in enumerate(rows):
+            ax = axes[r, g]
+            im = ax.imshow(maps[g], cmap="magma", vmin=0, vmax=vmax, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(genes[g], fontsize=9)
+            if g == 0:
+                ax.set_ylabel(label, fontsize=8)
+        bar = fig.colorbar(im, ax=axes[-1, g], orientation="horizontal", fraction=0.08, pad=0.06)
+        bar.set_label("counts per bin", fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    _save(fig, path)
+    return True
+
+
+def _floats_nd(values) -> np.ndarray:
+    """Nested lists with None (NaN in JSON) to a float array."""
+    return np.array(values, dtype=object).astype(np.float64) if values is not None else np.empty(0)
+
+
 def write_report(out: str | Path, result: dict[str, Any]) -> dict[str, Path]:
     """Write ``benchmark.json``, ``benchmark.md`` and ``figures/`` (metrics and per-gene PCC per scale)."""
     from diffst.atomic import atomic_output
@@ -207,7 +260,9 @@ def write_report(out: str | Path, result: dict[str, Any]) -> dict[str, Path]:
 
     out = Path(out)
     paths = {"json": out / "benchmark.json", "md": out / "benchmark.md"}
-    write_json(paths["json"], result)
+    # Example maps stay in the cell files; the summary file keeps numbers only.
+    write_json(paths["json"], {**result, "cells": [{k: v for k, v in c.items() if k != "example"}
+                                                   for c in result["cells"]]})
     with atomic_output(paths["md"], directory=False) as tmp:
         tmp.write_text(markdown(result))
     for key, entry in result["summary"].items():
@@ -215,4 +270,13 @@ def write_report(out: str | Path, result: dict[str, Any]) -> dict[str, Path]:
         plot_metrics(entry, key, paths[f"metrics_{key}"])
         paths[f"per_gene_{key}"] = out / "figures" / f"per_gene_pcc_{key}.png"
         plot_per_gene(entry, result["setup"]["genes"], key, paths[f"per_gene_{key}"])
+        scale = int(key[1:])
+        first = next((f for f in result["folds"] if f["scale"] == scale and f["status"] == "ok"), None)
+        if first is not None:
+            cells = [c for c in result["cells"] if c["scale"] == scale and c["fold"] == first["fold"]]
+            genes = result["setup"]["genes"][: len(next((c["example"]["truth"] for c in cells if c.get("example")), []))]
+            target = out / "figures" / f"examples_{key}.png"
+            title = f"{key}: held-out region of {first['fold']} (stitched test tiles)"
+            if plot_examples(cells, _example_methods(entry), genes, title, target):
+                paths[f"examples_{key}"] = target
     return paths

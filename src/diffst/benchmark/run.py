@@ -34,21 +34,37 @@ from diffst.core.sample import Sample
 from diffst.errors import InputError
 
 log = logging.getLogger("diffst.benchmark")
+#: Genes (the first of the gene list: the most counted) whose stitched maps each cell keeps for the report.
+N_EXAMPLE_GENES = 3
 
 
-def _cell_metrics(pred: np.ndarray, truth: np.ndarray, normaliser) -> dict[str, Any]:
-    """Metrics of one cell, plus the per-tile and per-gene PCC the summary pools across folds."""
-    from diffst.evaluation.metrics import evaluate_maps, pearson_per_map
+def _cell_metrics(pred: np.ndarray, truth: np.ndarray, normaliser, origins_um: np.ndarray,
+                  bin_um: float) -> dict[str, Any]:
+    """Metrics of one cell (per tile and on the stitched region), plus what the summary pools and draws.
+
+    Writes the keys ``metrics`` (:func:`~diffst.evaluation.metrics.evaluate_maps` and
+    :func:`~diffst.evaluation.metrics.region_metrics`), ``per_tile_pcc``, ``per_tile_mse``, ``per_gene_pcc``
+    and ``example`` (the stitched region of the first :data:`N_EXAMPLE_GENES` genes, prediction and truth,
+    for the report's example maps).
+    """
+    from diffst.evaluation.metrics import evaluate_maps, mosaic, pearson_per_map, region_metrics
 
     if not np.isfinite(pred).all():
         raise InputError("a method produced non-finite predictions; its cell is not written.")
-    r = pearson_per_map(np.asarray(pred, dtype=np.float64), np.asarray(truth, dtype=np.float64))  # (T, N)
+    pred, truth = np.asarray(pred, dtype=np.float64), np.asarray(truth, dtype=np.float64)
+    r = pearson_per_map(pred, truth)  # (T, N)
     with _quiet():
         per_tile = np.nanmean(r, axis=1)
         per_gene = np.nanmean(r, axis=0)
-    per_tile_mse = ((np.asarray(pred, np.float64) - truth) ** 2).reshape(len(pred), -1).mean(axis=1)
-    return {"metrics": evaluate_maps(pred, truth, normaliser), "per_tile_pcc": per_tile,
-            "per_tile_mse": per_tile_mse, "per_gene_pcc": per_gene}
+    per_tile_mse = ((pred - truth) ** 2).reshape(len(pred), -1).mean(axis=1)
+    shown = slice(0, N_EXAMPLE_GENES)
+    example_pred, covered = mosaic(pred[:, shown], origins_um, bin_um)
+    example_true, _ = mosaic(truth[:, shown], origins_um, bin_um)
+    example = {"pred": np.where(covered, example_pred, np.nan).round(3),
+               "truth": np.where(covered, example_true, np.nan)}
+    metrics = {**evaluate_maps(pred, truth, normaliser), **region_metrics(pred, truth, origins_um, bin_um)}
+    return {"metrics": metrics, "per_tile_pcc": per_tile, "per_tile_mse": per_tile_mse, "per_gene_pcc": per_gene,
+            "example": example}
 
 
 @contextlib.contextmanager
@@ -204,7 +220,8 @@ def run_benchmark(
                 truth = np.asarray(test.hr_counts)
                 cell = {"setup": setup, "scale": scale, "fold": fold.name, "sample": fold.sample, "method": method,
                         "n_test_tiles": len(truth), "tile_ids": list(test.tiles["tile_id"]), "genes": gene_list,
-                        **_cell_metrics(pred, truth, test.normaliser),
+                        **_cell_metrics(pred, truth, test.normaliser,
+                                        np.stack([test.tiles["x0_um"], test.tiles["y0_um"]], axis=1), geom.hr_bin_um),
                         "seconds": round(time.perf_counter() - start, 2)}
                 write_json(cell_dir / f"{method}.json", cell)
                 cell = read_json(cell_dir / f"{method}.json")
