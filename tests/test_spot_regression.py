@@ -128,19 +128,37 @@ def test_cli_trains_both_stages_and_predicts(prepared, tmp_path, one_thread, mon
 
 
 def test_bin_image_features_ignore_stain_strength_and_turn_with_the_tile():
-    from diffst.models.spot_ratio import bin_image_features
+    from diffst.models.spot_ratio import STATS_PER_CHANNEL, bin_image_features
 
     gen = torch.Generator().manual_seed(0)
     tissue = torch.rand(2, 3, 64, 64, generator=gen) ** 3
     feats = bin_image_features(tissue, (16, 16))
-    assert feats.shape == (2, 3 * 2 * 3, 16, 16)
-    torch.testing.assert_close(feats.mean(dim=(-2, -1)), torch.zeros(2, 18), atol=1e-4, rtol=0)
-    torch.testing.assert_close(feats.std(dim=(-2, -1)), torch.ones(2, 18), atol=1e-3, rtol=0)
+    n = 3 * STATS_PER_CHANNEL * 3  # channels x statistics x (bin, 3 x 3, 7 x 7)
+    assert feats.shape == (2, n, 16, 16)
+    torch.testing.assert_close(feats.mean(dim=(-2, -1)), torch.zeros(2, n), atol=1e-4, rtol=0)
+    torch.testing.assert_close(feats.std(dim=(-2, -1)), torch.ones(2, n), atol=1e-3, rtol=0)
     # A fainter, offset stain (an affine change of intensity) gives the same features.
     torch.testing.assert_close(bin_image_features(0.5 * tissue + 0.2, (16, 16)), feats, atol=1e-3, rtol=1e-3)
     turned = bin_image_features(torch.rot90(tissue, 1, (-2, -1)), (16, 16))
     torch.testing.assert_close(turned, torch.rot90(feats, 1, (-2, -1)), atol=1e-4, rtol=1e-4)
     assert not torch.allclose(bin_image_features(torch.rand(2, 3, 64, 64, generator=gen), (16, 16)), feats)
+
+
+def test_bin_image_features_see_nuclei_that_the_bin_mean_misses():
+    from diffst.models.spot_ratio import bin_image_features
+
+    # Two bins with the same mean intensity: one holds a nucleus-sized bright spot on a dim background, the
+    # other a ring-free even stain of the same mean. Mean alone cannot tell them apart; the band-pass can.
+    tissue = torch.zeros(1, 1, 32, 32)
+    yy, xx = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+    blob = torch.exp(-((yy - 7.5) ** 2 + (xx - 7.5) ** 2) / (2 * 1.5**2))
+    tissue[0, 0, :16, :16] = blob
+    tissue[0, 0, :16, 16:] = blob.mean()
+    tissue[0, 0, 16:, :] = torch.linspace(0, 0.2, 32)  # something else in the lower bins
+    feats = bin_image_features(tissue, (2, 2))[0]
+    mean, band_max = feats[0], feats[2]
+    assert torch.isclose(mean[0, 0], mean[0, 1], atol=1e-4)
+    assert band_max[0, 0] > band_max[0, 1] + 0.5
 
 
 def test_spot_ratio_model_starts_as_its_backbone_and_learns_from_the_image(prepared, tmp_path):

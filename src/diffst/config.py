@@ -259,6 +259,13 @@ class TrainConfig(BaseModel):
         Steps between validation passes (also run at the end); 0 disables validation.
     val_batches
         Maximum number of validation batches per pass (``null``: the whole split).
+    keep_best
+        Model selection on the validation split: after every validation pass whose loss (EMA weights) is
+        the lowest so far, that checkpoint is also kept under ``<run_dir>/best/``, and a run folder then
+        stands for it (:func:`diffst.runs.find_checkpoint`). Needs a validation split and ``val_every``.
+    patience
+        With ``keep_best``: stop early after this many validation passes without a new lowest loss
+        (0: train to the end).
     checkpoint_every
         Steps between checkpoints (a final one is always written).
     keep_last
@@ -294,6 +301,8 @@ class TrainConfig(BaseModel):
     log_every: int = Field(10, ge=1)
     val_every: int = Field(500, ge=0)
     val_batches: int | None = Field(None, ge=1)
+    keep_best: bool = False
+    patience: int = Field(0, ge=0)
     checkpoint_every: int = Field(1000, ge=1)
     keep_last: int = Field(3, ge=1)
     tensorboard: bool = True
@@ -311,6 +320,10 @@ class TrainConfig(BaseModel):
             raise ValueError(f"give exactly one of steps or epochs (got steps={self.steps}, epochs={self.epochs})")
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas must lie in [0, 1), got {self.betas}")
+        if self.keep_best and not self.val_every:
+            raise ValueError("train.keep_best selects by validation loss: set train.val_every > 0")
+        if self.patience and not self.keep_best:
+            raise ValueError("train.patience stops on the validation loss that train.keep_best tracks: set keep_best")
         if len(self.curriculum_quantiles) != len(self.curriculum_milestones) + 1:
             raise ValueError("curriculum_quantiles needs exactly one more entry than curriculum_milestones")
         return self

@@ -62,6 +62,8 @@ __all__ = [
 ]
 
 CHECKPOINT_DIR = "checkpoints"
+#: Where a run with ``train.keep_best`` keeps its checkpoint of lowest validation loss (a run folder of its own).
+BEST_DIR = "best"
 MANIFEST = "manifest.json"
 STATE = "state.json"
 CONFIG = "config.yaml"
@@ -347,7 +349,9 @@ def find_checkpoint(path: str | Path) -> Path:
     Parameters
     ----------
     path
-        A checkpoint folder, a run folder (its latest checkpoint) or a file in a checkpoint folder.
+        A checkpoint folder, a run folder or a file in a checkpoint folder. A run folder stands for its
+        checkpoint of lowest validation loss when training kept one (``train.keep_best``: ``best/``), else
+        for its latest checkpoint.
 
     Returns
     -------
@@ -364,7 +368,7 @@ def find_checkpoint(path: str | Path) -> Path:
         path = path.parent
     if _NAME.match(path.name) or (path / STATE).is_file() or (path / MANIFEST).is_file():
         return path  # a checkpoint folder; verify_checkpoint names whatever is wrong with it
-    latest = latest_checkpoint(path)
+    latest = latest_checkpoint(path / BEST_DIR) or latest_checkpoint(path)
     if latest is None:
         raise InputError(
             f"{path} is neither a checkpoint folder (with state.json and model.safetensors) nor a run folder "

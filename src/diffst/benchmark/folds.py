@@ -1,6 +1,7 @@
 """Region folds: a sample's data extent cut into k disjoint cells that together cover it.
 
-Each fold holds out its cell for testing. A cell narrower than one tile (small samples, many folds) is grown
+Each fold holds out its cell for testing, and names the cell farthest from it as its validation region
+(model selection of the trained methods, used when enough training tissue is left beside both). A cell narrower than one tile (small samples, many folds) is grown
 symmetrically to one tile side, clamped inside the extent, so that a test tile fits: the held-out region
 then contains the cell, test tiles of neighbouring folds may overlap, and within every fold no training tile
 touches the held-out region (:func:`diffst.data.prepare.prepare_dataset` guarantees that).
@@ -24,7 +25,8 @@ class Fold:
     """One fold of one sample: its cell and the rectangle held out for testing (µm, x0, y0, x1, y1).
 
     ``cell`` is the fold's share of the extent (cells are disjoint and cover it); ``region`` is the cell grown
-    to at least one tile per side, the ``test_region`` of the fold's prepared dataset.
+    to at least one tile per side, the ``test_region`` of the fold's prepared dataset; ``val_region`` the
+    farthest other cell, grown the same way (the ``val_region`` when the benchmark can afford it).
     """
 
     sample: str
@@ -32,6 +34,7 @@ class Fold:
     k: int
     cell: Rect
     region: Rect
+    val_region: Rect | None = None
 
     @property
     def name(self) -> str:
@@ -107,5 +110,13 @@ def make_folds(samples: Sequence[Sample], geometry: TileGeometry, k: int, layout
     for s in samples:
         extent = _sample_region(s, geometry)
         cells = grid_regions(extent, k, geometry.tile_um, layout)
-        folds += [Fold(s.name, i, k, c, grow_to_tile(c, extent, geometry.tile_um)) for i, c in enumerate(cells)]
+        for i, c in enumerate(cells):
+            far = max((o for o in cells if o != c), key=lambda o: _distance(o, c), default=None)
+            val = None if far is None else grow_to_tile(far, extent, geometry.tile_um)
+            folds.append(Fold(s.name, i, k, c, grow_to_tile(c, extent, geometry.tile_um), val))
     return folds
+
+
+def _distance(a: Rect, b: Rect) -> float:
+    """Distance between the centres of two rectangles."""
+    return float(((a[0] + a[2] - b[0] - b[2]) ** 2 + (a[1] + a[3] - b[1] - b[3]) ** 2) ** 0.5 / 2)

@@ -67,9 +67,12 @@ def parse_methods(text: str) -> list[str]:
 
 def run_config_dict(method: str, data_path: Path, run_dir: Path, budget: str, seed: int, device: str) -> dict[str, Any]:
     """Return the run configuration (a mapping) of a trained method on one fold (two-stage: stage two's)."""
+    from diffst.training.recipe import has_validation_split, regression_schedule
+
+    # Diffusion runs train their preset's length; only regressions select theirs on the fold's validation
+    # region (when it has one), exactly as Diff-ST's stage one does.
     data: dict[str, Any] = {"preset": BUDGETS[budget], "data": {"path": str(data_path), "example": None},
-                            "run_dir": str(run_dir), "seed": seed, "device": device,
-                            "train": {"val_every": 0}}  # folds have no val split
+                            "run_dir": str(run_dir), "seed": seed, "device": device, "train": {"val_every": 0}}
     if method in LEARNED:
         for section, values in LEARNED[method].items():
             data.setdefault(section, {}).update(values)
@@ -77,7 +80,7 @@ def run_config_dict(method: str, data_path: Path, run_dir: Path, budget: str, se
         data["model"] = dict(TWO_STAGE[method])
     steps = stage_one_steps(budget)
     if data["train"].get("objective") == "regression" and steps is not None:
-        data["train"]["steps"] = steps  # every regression trains as long as Diff-ST's stage one
+        data["train"].update(regression_schedule(steps, has_validation_split(data)))
     return data
 
 

@@ -5,6 +5,7 @@ Layout of the output folder::
     prepared/s<scale>/<sample>_fold<i>/     prepared fold datasets (reused)
     runs/s<scale>/<sample>_fold<i>/<method>-<budget>-seed<seed>/   training runs (resumed / reused)
     cells/s<scale>/<sample>_fold<i>/<method>.json   one result per cell, written atomically (reused)
+    cells/s<scale>/<sample>_fold<i>/<method>.npz    its predicted counts of the test tiles (``counts``)
     cells/s<scale>/<sample>_fold<i>/_fold.json      the fold's status (skipped folds say why)
     cells/s<scale>/<sample>_fold<i>/_ceiling.json   split-half noise ceiling of the fold's test tiles
     benchmark.json, benchmark.md, figures/          summary (:mod:`diffst.benchmark.report`)
@@ -34,6 +35,8 @@ from diffst.core.sample import Sample
 from diffst.errors import InputError
 
 log = logging.getLogger("diffst.benchmark")
+#: Training tissue (in tile areas) a fold must keep beside its validation region for the region to be used.
+MIN_TRAIN_TILE_AREAS = 4.0
 #: Genes (the first of the gene list: the most counted) whose stitched maps each cell keeps for the report.
 N_EXAMPLE_GENES = 3
 
@@ -67,6 +70,26 @@ def _cell_metrics(pred: np.ndarray, truth: np.ndarray, normaliser, origins_um: n
             "example": example}
 
 
+def _save_prediction(path: Path, pred: np.ndarray) -> None:
+    """Keep a cell's predicted counts (float32, compressed) beside its JSON, written atomically."""
+    from diffst.atomic import atomic_output
+
+    with atomic_output(path, directory=False) as tmp, open(tmp, "wb") as fh:
+        np.savez_compressed(fh, counts=np.asarray(pred, dtype=np.float32))
+
+
+def _cell_setup(setup: dict[str, Any], status: dict[str, Any] | None) -> dict[str, Any]:
+    """Return what a cell's result depends on: the run's setup, plus the fold's validation region if any."""
+    val = (status or {}).get("val_region")
+    return {**setup, "val_region": val} if val else setup
+
+
+def _cached_cells(cell_dir: Path, methods: Sequence[str], setup: dict[str, Any]) -> dict[str, dict]:
+    """Finished cells of this fold whose setup matches (reused as they are)."""
+    cells = {m: read_json(cell_dir / f"{m}.json") for m in methods}
+    return {m: c for m, c in cells.items() if c and c.get("setup") == setup}
+
+
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """Silence numpy's warnings about all-NaN slices (genes without counts in a tile)."""
@@ -77,11 +100,35 @@ def _quiet() -> Iterator[None]:
 
 def _prepare_fold(sample: Sample, fold: Fold, geometry, path: Path, genes: list[str], train_stride_um: float | None,
                   min_tissue: float) -> dict[str, Any]:
-    """Prepare (or reuse) one fold's dataset; returns its status (``ok`` or ``skipped`` with a reason)."""
+    """Prepare (or reuse) one fold's dataset; returns its status (``ok`` or ``skipped`` with a reason).
+
+    The fold's validation region is used when at least :data:`MIN_TRAIN_TILE_AREAS` tiles' worth of
+    training tissue is left beside it and the test region; otherwise the fold has no validation split (the
+    trained methods then train a fixed length). The status says which (``val_region``, ``validation``).
+    """
+    status = None
+    if fold.val_region is not None:
+        status = _prepare_split(sample, fold.region, fold.val_region, geometry, path, genes, train_stride_um,
+                                min_tissue)
+        if status["status"] == "ok" and status.get("n_val_tiles") and status["train_tile_areas"] >= MIN_TRAIN_TILE_AREAS:
+            return {**status, "val_region": list(fold.val_region),
+                    "validation": f"{status['n_val_tiles']} tiles of the region farthest from the test region"}
+        why = (status.get("reason") if status["status"] != "ok" else
+               f"{status['train_tile_areas']:.1f} tile areas of training tissue would be left beside it "
+               f"(at least {MIN_TRAIN_TILE_AREAS} needed)")
+    else:
+        why = "one fold only"
+    status = _prepare_split(sample, fold.region, None, geometry, path, genes, train_stride_um, min_tissue)
+    return {**status, "val_region": None, "validation": f"none: {why}"}
+
+
+def _prepare_split(sample: Sample, test_region, val_region, geometry, path: Path, genes: list[str],
+                   train_stride_um: float | None, min_tissue: float) -> dict[str, Any]:
+    from diffst.data.dataset import PreparedTiles
     from diffst.data.prepare import SplitSpec, is_prepared_dataset, load_meta, prepare_dataset
     from diffst.errors import GeometryError
 
-    split = SplitSpec(test_region=fold.region, train_stride_um=train_stride_um)
+    split = SplitSpec(test_region=test_region, val_region=val_region, train_stride_um=train_stride_um)
     meta = load_meta(path) if is_prepared_dataset(path) else None
     fresh = meta is None or meta["genes"] != genes or meta["split"] != json.loads(split.model_dump_json()) \
         or meta["geometry"] != geometry.to_dict() or meta["min_tissue_fraction"] != min_tissue
@@ -96,7 +143,21 @@ def _prepare_fold(sample: Sample, fold: Fold, geometry, path: Path, genes: list[
     if not n.get("train") or not n.get("test"):
         return {"status": "skipped", "reason": f"{n.get('train', 0)} train and {n.get('test', 0)} test tiles "
                                                f"with at least {min_tissue:.0%} tissue"}
-    return {"status": "ok", "n_train_tiles": n["train"], "n_test_tiles": n["test"]}
+    train = PreparedTiles(path, "train")
+    origins = np.stack([train.tiles["x0_um"], train.tiles["y0_um"]], axis=1)
+    return {"status": "ok", "n_train_tiles": n["train"], "n_test_tiles": n["test"], "n_val_tiles": n.get("val", 0),
+            "train_tile_areas": _covered_tile_areas(origins, geometry.tile_um, geometry.hr_bin_um)}
+
+
+def _covered_tile_areas(origins_um: np.ndarray, tile_um: float, bin_um: float) -> float:
+    """Area covered by tiles at ``origins_um`` (union, on the HR bin grid), in units of one tile's area."""
+    if not len(origins_um):
+        return 0.0
+    from diffst.evaluation.metrics import mosaic
+
+    side = int(round(tile_um / bin_um))
+    _, covered = mosaic(np.zeros((len(origins_um), 1, side, side)), origins_um, bin_um)
+    return float(covered.sum() / side**2)
 
 
 def run_benchmark(
@@ -180,12 +241,12 @@ def run_benchmark(
         data_path = out / "prepared" / f"s{scale}" / fold.name
         fold_file = cell_dir / "_fold.json"
         status = read_json(fold_file)
-        cached = {m: read_json(cell_dir / f"{m}.json") for m in methods}
-        cached = {m: c for m, c in cached.items() if c and c.get("setup") == setup}
+        cached = _cached_cells(cell_dir, methods, _cell_setup(setup, status))
         if not (status and status.get("setup") == setup and (status["status"] == "skipped" or len(cached) == len(methods))):
             status = {**_prepare_fold(by_name[fold.sample], fold, geom, data_path, gene_list, train_stride_um,
                                       min_tissue), "setup": setup}
             write_json(fold_file, status)
+            cached = _cached_cells(cell_dir, methods, _cell_setup(setup, status))
         fold_rows.append({"scale": scale, "fold": fold.name, "sample": fold.sample, "index": fold.index,
                           "cell": list(fold.cell), "region": list(fold.region), **{k_: v for k_, v in status.items() if k_ != "setup"}})
         if status["status"] == "skipped":
@@ -218,11 +279,12 @@ def run_benchmark(
                 pred = predict_method(method, data_path, run_dir=run_dir if method in TRAINED else None,
                                       budget=budget, seed=seed, device=device)
                 truth = np.asarray(test.hr_counts)
-                cell = {"setup": setup, "scale": scale, "fold": fold.name, "sample": fold.sample, "method": method,
+                cell = {"setup": _cell_setup(setup, status), "scale": scale, "fold": fold.name, "sample": fold.sample, "method": method,
                         "n_test_tiles": len(truth), "tile_ids": list(test.tiles["tile_id"]), "genes": gene_list,
                         **_cell_metrics(pred, truth, test.normaliser,
                                         np.stack([test.tiles["x0_um"], test.tiles["y0_um"]], axis=1), geom.hr_bin_um),
                         "seconds": round(time.perf_counter() - start, 2)}
+                _save_prediction(cell_dir / f"{method}.npz", pred)  # metrics can be recomputed without a rerun
                 write_json(cell_dir / f"{method}.json", cell)
                 cell = read_json(cell_dir / f"{method}.json")
             all_cells.append(cell)

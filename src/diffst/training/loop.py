@@ -39,7 +39,7 @@ from diffst.config import ConfigError, RunConfig, resolve_config, save_config
 from diffst.core.curriculum import curriculum_threshold
 from diffst.errors import InputError, TrainingInterrupted
 from diffst.models.graph import coexpression_matrix
-from diffst.runs import DatasetSpec, Run, checkpoint_folder, latest_checkpoint, load_base_run
+from diffst.runs import BEST_DIR, DatasetSpec, Run, checkpoint_folder, latest_checkpoint, load_base_run
 from diffst.training.checkpoint import Checkpointer, clean_temporary, run_lock
 from diffst.training.data import (
     STREAM_NOISE,
@@ -155,7 +155,7 @@ class Trainer:
             try:
                 with _StopRequest() as stop:
                     self._loop(stop)
-                if self.cfg.train.val_every:
+                if self.cfg.train.val_every and not self.stopped_early and self.validated_at != self.state.step:
                     self._validate_now()
             finally:
                 self.metrics.close()
@@ -177,6 +177,17 @@ class Trainer:
         self.order = EpochOrder(tiles, cfg.data.batch_size, self.world, self.rank, cfg.seed)
         spe = self.order.steps_per_epoch
         self.total = cfg.train.steps if cfg.train.steps is not None else cfg.train.epochs * spe
+        saved = (checkpoint or {}).get("state", {})
+        # Model selection (train.keep_best): the lowest validation loss so far, and an early stop is final.
+        self.best = saved.get("best")
+        self.since_best = int(saved.get("validations_since_best", 0))
+        self.stopped_early = bool(saved.get("stopped_early", False))
+        self.validated_at: int | None = None
+        if self.stopped_early:
+            self.total = int(saved["step"])
+        if cfg.train.keep_best and self.val_ds is None:
+            raise InputError(f"train.keep_best needs a validation split, but {val_note}; prepare the data with a "
+                             "validation region (diffst prepare --val-region) or set train.keep_best: false")
         self.gamma_final = self._gamma(1.0)
         self.state = TrainState.create(self.rcfg, coexpression, self.accelerator, checkpoint)
         self.base = self._base_run(checkpoint)
@@ -238,6 +249,9 @@ class Trainer:
             self.info.update(finished=True, final_step=self.state.step,
                              rank_weight_checksums=[float(x) for x in sums.cpu()],
                              final_checkpoint=str(latest_checkpoint(self.run_dir)))
+            if self.cfg.train.keep_best:
+                self.info.update(best=self.best, stopped_early=self.stopped_early,
+                                 best_checkpoint=str(latest_checkpoint(self.run_dir / BEST_DIR)))
             _write_json(self.run_dir / "run_info.json", self.info)
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
@@ -261,6 +275,8 @@ class Trainer:
                                          if row[k] is not None})
                     if train.val_every and st.step % train.val_every == 0 and st.step < self.total:
                         self._validate_now()
+                        if self._stop_early():
+                            self.total = st.step  # the final checkpoint below records the stop
                     if st.step % train.checkpoint_every == 0 or st.step == self.total or stopping:
                         self._checkpoint(row["gamma"])
                     if stopping:
@@ -303,29 +319,62 @@ class Trainer:
 
     def _checkpoint(self, gamma: float | None) -> None:
         if self.main:
-            st = self.state
-            epoch, offset = divmod(st.step, self.order.steps_per_epoch)
-            state = {
-                "epoch": epoch, "batch_in_epoch": offset, "steps_per_epoch": self.order.steps_per_epoch,
-                "total_steps": self.total, "world_size": self.world, "seed": self.cfg.seed,
-                "ema_updates": st.ema.num_updates, "entropy_threshold": gamma,
-                "entropy_threshold_final": self.gamma_final, "data_order": DATA_ORDER,
-                "weights_for_inference": "ema.safetensors",
-                # What inference needs to put new data into this model's space and back to counts.
-                "dataset": self.spec.to_dict(),
-            }
-            if self.base is not None:
-                state["base_run"] = self._base_record()  # the frozen regression run (load_run reads it)
-            path = self.checkpointer.save(st.step, model=st.model, ema_state=st.ema.state_dict(),
-                                          optimizer=st.optimizer, state=state, config=self.rcfg)
-            log.info("checkpoint %s", path)
+            self._save(self.checkpointer, gamma)
         self.accelerator.wait_for_everyone()
+
+    def _save(self, checkpointer: Checkpointer, gamma: float | None) -> None:
+        """Write this step's checkpoint with ``checkpointer`` (main process only)."""
+        st = self.state
+        epoch, offset = divmod(st.step, self.order.steps_per_epoch)
+        state = {
+            "epoch": epoch, "batch_in_epoch": offset, "steps_per_epoch": self.order.steps_per_epoch,
+            "total_steps": self.total, "world_size": self.world, "seed": self.cfg.seed,
+            "ema_updates": st.ema.num_updates, "entropy_threshold": gamma,
+            "entropy_threshold_final": self.gamma_final, "data_order": DATA_ORDER,
+            "weights_for_inference": "ema.safetensors",
+            # What inference needs to put new data into this model's space and back to counts.
+            "dataset": self.spec.to_dict(),
+        }
+        if self.base is not None:
+            state["base_run"] = self._base_record()  # the frozen regression run (load_run reads it)
+        if self.cfg.train.keep_best:
+            state.update(best=self.best, validations_since_best=self.since_best, stopped_early=self.stopped_early)
+        path = checkpointer.save(st.step, model=st.model, ema_state=st.ema.state_dict(),
+                                 optimizer=st.optimizer, state=state, config=self.rcfg)
+        log.info("checkpoint %s", path)
+
+    def _track_best(self, values: dict[str, float], gamma: float | None) -> None:
+        """Keep the checkpoint of the lowest validation loss (EMA weights) under ``<run_dir>/best/``."""
+        loss = values.get("val_loss_ema")
+        if loss is None or not math.isfinite(loss):
+            self.since_best += 1
+            return
+        if self.best is not None and loss >= self.best["val_loss"]:
+            self.since_best += 1
+            return
+        self.best, self.since_best = {"step": self.state.step, "val_loss": float(loss)}, 0
+        best_dir = self.run_dir / BEST_DIR
+        self._save(Checkpointer(best_dir, keep_last=1, main=self.main), gamma)
+        log.info("step %d: lowest validation loss so far (%.5f), kept in %s", self.state.step, loss, best_dir)
+
+    def _stop_early(self) -> bool:
+        """Whether ``train.patience`` validation passes went by without a new lowest loss (same on every process)."""
+        patience = self.cfg.train.patience
+        flag = torch.tensor([float(bool(patience) and self.main and self.since_best >= patience)], device=self.device)
+        self.stopped_early = bool(self.accelerator.reduce(flag, "sum").item() > 0)
+        if self.stopped_early and self.main:
+            log.info("early stop at step %d: %d validations without a lower loss (best step %d)", self.state.step,
+                     self.since_best, self.best["step"] if self.best else -1)
+        return self.stopped_early
 
     def _validate_now(self) -> None:
         if self.val_ds is not None and self.main:
             values = self._validate()
             self.metrics.validation({"step": self.state.step, "split": self.cfg.data.val_split, **values})
             log.info("step %d validation %s", self.state.step, values)
+            if self.cfg.train.keep_best:
+                self._track_best(values, self._gamma(self.state.step / self.total))
+        self.validated_at = self.state.step
         self.accelerator.wait_for_everyone()
 
     @torch.no_grad()

@@ -4,8 +4,12 @@ Stage one is a spot-ratio regression (``train.regression: spot_poisson``): the D
 per-bin image head, says where inside each measured LR spot the spot's counts go; its answer is the point
 estimate. Stage two is a diffusion of the residual over stage one (``diffusion.target:
 regression_residual``): its samples give the spread and the intervals. Both stages share data, model
-settings and seed; stage one is short, because on little training tissue a longer fit learns the training
-tiles' transcripts by heart (held-out correlation falls after ~100-200 steps on the built-in example).
+settings and seed. On little training tissue a long stage one learns the training tiles' transcripts by
+heart (held-out correlation falls after ~100-200 steps on the built-in example), so its length is chosen
+on held-out tissue when the prepared data has a validation split (``diffst prepare --val-region``): it
+trains up to :data:`STAGE_ONE_MAX_STEPS`, validates every :data:`STAGE_ONE_VAL_EVERY` steps, keeps the
+checkpoint of lowest validation deviance and stops after :data:`STAGE_ONE_PATIENCE` passes without a lower
+one. Without a validation split it trains :data:`STAGE_ONE_STEPS` steps.
 """
 
 from __future__ import annotations
@@ -14,10 +18,45 @@ import copy
 from pathlib import Path
 from typing import Any
 
-__all__ = ["STAGE_ONE_STEPS", "stage_one_config", "stage_two_config", "train_two_stage"]
+__all__ = ["STAGE_ONE_MAX_STEPS", "STAGE_ONE_PATIENCE", "STAGE_ONE_STEPS", "STAGE_ONE_VAL_EVERY",
+           "has_validation_split", "regression_schedule", "stage_one_config", "stage_two_config", "train_two_stage"]
 
-#: Training steps of stage one in the built-in recipe (batch 4: ~20 passes over the example's tiles).
+#: Training steps of stage one without a validation split (batch 4: ~20 passes over the example's tiles).
 STAGE_ONE_STEPS = 200
+#: With a validation split: at most this many steps, validation every STAGE_ONE_VAL_EVERY steps, early
+#: stop after STAGE_ONE_PATIENCE passes without a lower validation deviance.
+STAGE_ONE_MAX_STEPS = 2000
+STAGE_ONE_VAL_EVERY = 25
+STAGE_ONE_PATIENCE = 8
+
+
+def regression_schedule(steps: int, validation: bool, checkpoint_every: int | None = None) -> dict[str, Any]:
+    """Return the ``train`` settings of a regression's length: ``steps``, or early stopping on validation.
+
+    Parameters
+    ----------
+    steps
+        Length without a validation split.
+    validation
+        Whether the data has a validation split (then: up to :data:`STAGE_ONE_MAX_STEPS`, keep the best).
+    checkpoint_every
+        The configuration's own checkpoint interval (capped at the length).
+    """
+    if validation:
+        return {"steps": STAGE_ONE_MAX_STEPS, "val_every": STAGE_ONE_VAL_EVERY, "keep_best": True,
+                "patience": STAGE_ONE_PATIENCE, "checkpoint_every": STAGE_ONE_VAL_EVERY * STAGE_ONE_PATIENCE}
+    return {"steps": steps, "checkpoint_every": min(checkpoint_every or steps, steps)}
+
+
+def has_validation_split(config: Any) -> bool:
+    """Tell whether the prepared dataset of a run configuration has tiles in its validation split."""
+    from diffst.data.prepare import is_prepared_dataset, load_meta
+
+    data = _as_dict(config).get("data", {})
+    split, path = data.get("val_split", "val"), data.get("path")
+    if split is None or path is None or not is_prepared_dataset(Path(path)):
+        return False
+    return bool(load_meta(path).get("n_tiles", {}).get(split))
 
 
 def _as_dict(config: Any) -> dict[str, Any]:
@@ -33,7 +72,8 @@ def stage_one_config(config: Any, steps: int | None = STAGE_ONE_STEPS) -> dict[s
     config
         The run's configuration: a :class:`~diffst.config.RunConfig` or a mapping (a YAML file's content).
     steps
-        Stage one's training steps; None keeps the configuration's own length.
+        Stage one's training steps without a validation split (with one: early stopping, see the module);
+        None keeps the configuration's own length.
 
     Returns
     -------
@@ -47,8 +87,7 @@ def stage_one_config(config: Any, steps: int | None = STAGE_ONE_STEPS) -> dict[s
     train.pop("base_run", None)
     if steps is not None:
         train.pop("epochs", None)
-        train["steps"] = steps
-        train["checkpoint_every"] = min(train.get("checkpoint_every", steps), steps)
+        train.update(regression_schedule(steps, has_validation_split(data), train.get("checkpoint_every")))
     data.setdefault("diffusion", {}).pop("target", None)
     return data
 
