@@ -103,6 +103,15 @@ def test_tiny_benchmark_writes_finite_metrics_and_intervals(tiny_benchmark):
         cells = [c for c in saved["cells"] if c["fold"] == fold["fold"]]
         assert len({tuple(c["tile_ids"]) for c in cells}) == 1
         assert all("example" not in c for c in cells)  # example maps stay in the cell files
+    # Intervals: every sampling method's cells report coverage, and the cross-fitted calibration covers them.
+    sampled = {c["method"] for c in saved["cells"] if c.get("coverage")}
+    assert sampled == {"diffst"}  # ridge and bicubic draw no samples
+    for method in sampled:
+        row = saved["calibration"]["s10"][method]
+        for key in ("raw_50", "raw_90", "calibrated_50", "calibrated_90"):
+            assert 0.0 <= row[key] <= 1.0
+        assert row["raw_50"] <= row["raw_90"] and len(row["spread"]) == len(ok)
+    assert (out / "figures" / "calibration.png").stat().st_size > 0 and "Intervals: coverage" in table
 
 
 def test_region_metrics_count_each_bin_once():

@@ -157,7 +157,8 @@ def test_cam_shrunk_window_equals_padded_window():
         affinity = keys_y @ keys_h.transpose(1, 2) * cam.scale
         valid = torch.zeros(1, 6, 6, dtype=torch.bool)
         valid[:, :4, :4] = True
-        mixing = cam.hist_to_st.mixing(affinity, None, valid.reshape(1, 36))
+        logits = F.linear(affinity, cam.hist_to_st.fc.weight, cam.hist_to_st.fc.bias)
+        mixing = logits.masked_fill(~valid.reshape(1, 1, 36), float("-inf")).softmax(dim=-1)
         values = padded_tokens(cam.hist_to_st.value(feat_h))
         update = (mixing @ values).transpose(1, 2).reshape(1, 4, 6, 6)[..., :4, :4]
         expected = feat_y + cam.hist_to_st.out(update)
@@ -320,7 +321,8 @@ def test_float_timesteps_accepted():
 def test_config_roundtrip_and_validation():
     cfg = model_preset("paper", n_genes=25, image_channels=1)
     assert cfg.d_tissue == cfg.d_cell == cfg.d_attn == 128 and cfg.cam_window == 32
-    assert cfg.graph_alpha == 0.2 and cfg.base_channels == 128 and cfg.num_res_blocks == 1
+    assert cfg.graph_alpha == 0.2 and cfg.base_channels == 32 and cfg.num_res_blocks == 1
+    assert cfg.channel_mult == (1, 2, 4, 8)  # about the authors' parameter budget
     assert cfg.attention_resolutions == (32, 16, 8) and cfg.learn_sigma
     assert ModelConfig(**cfg.model_dump()) == cfg
     assert ModelConfig.model_validate_json(cfg.model_dump_json()) == cfg

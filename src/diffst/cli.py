@@ -82,7 +82,18 @@ def prepare(
     min_qv: Annotated[float | None, typer.Option(help="Xenium: drop transcripts below this quality (default 20).")] = None,
     image_origin: Annotated[str | None, typer.Option(help="x,y microns of the image's top-left corner (Xenium crops).")] = None,
     preset: Annotated[str, typer.Option(help="Tile geometry preset: cpu or paper.")] = "cpu",
-    scale: Annotated[int, typer.Option(help="Super-resolution factor s (5 or 10).")] = 10,
+    scale: Annotated[int | None, typer.Option(help="Super-resolution factor s (5 or 10; default 10; with "
+                                                   "--self-supervised any s >= 2, default 2).")] = None,
+    self_supervised: Annotated[bool, typer.Option(help="Spot-only slides (Visium, legacy ST): the spots are the HR "
+                                                       "ground truth (HR bin = spot pitch, bins without a spot "
+                                                       "masked) and LR = s x s blocks of them, to train on the slide "
+                                                       "itself.")] = False,
+    sub_spot: Annotated[bool, typer.Option(help="Spot-only slides, for the sub-spot map of a --self-supervised "
+                                                "model: the real spots are LR (bin = spot pitch), HR bins are "
+                                                "pitch / s; same --scale and --tile-lr as for training.")] = False,
+    tile_lr: Annotated[int | None, typer.Option(help="--self-supervised / --sub-spot: LR bins per tile side "
+                                                     "(default: tiles of about 16 x 16 spots at training scale, as "
+                                                     "many as fit).")] = None,
     n_genes: Annotated[int, typer.Option(help="Top-N genes by training counts.")] = 25,
     genes: Annotated[str | None, typer.Option(help="Comma-separated gene list (overrides --n-genes).")] = None,
     test_region: Annotated[str | None, typer.Option(help="x0,y0,x1,y1 µm held out for testing.")] = None,
@@ -96,20 +107,32 @@ def prepare(
 ) -> None:
     """Tile samples into a prepared dataset (arrays + dataset.json + tiles.csv + preview.png)."""
     from diffst.atomic import check_replaceable
-    from diffst.core.geometry import tile_preset
+    from diffst.core.geometry import spot_pitch_geometry, sub_spot_geometry, tile_preset
     from diffst.data.prepare import SplitSpec, is_prepared_dataset, prepare_dataset
 
     with _user_errors():
+        if self_supervised and sub_spot:
+            raise typer.BadParameter("--self-supervised (train on the spots) and --sub-spot (predict below them) "
+                                     "exclude each other; prepare one dataset for each.")
+        spot_mode = self_supervised or sub_spot
+        if tile_lr is not None and not spot_mode:
+            raise typer.BadParameter("--tile-lr applies to --self-supervised and --sub-spot only; the presets fix "
+                                     "the tile otherwise.")
+        if tile_lr is not None:
+            _positive(tile_lr, "--tile-lr")
         check_replaceable(out, "prepared dataset", is_prepared_dataset, overwrite)
         split = SplitSpec(
             test_samples=test_sample or [], val_samples=val_sample or [],
             test_region=_floats(test_region, 4, "--test-region"), val_region=_floats(val_region, 4, "--val-region"),
             train_stride_um=train_stride, eval_stride_um=eval_stride,
         )
-        geometry = tile_preset(preset, scale)
+        geometry = None if spot_mode else tile_preset(preset, 10 if scale is None else scale)
         samples = _read_inputs(inputs or [], example, platform, {
             "image": image, "pixel_size_um": pixel_size, "image_origin_um": _floats(image_origin, 2, "--image-origin"),
             "force_pixel_size": force_pixel_size, "min_qv": min_qv})
+        if spot_mode:  # HR bin = the spots' own pitch; the preset gives the image sizes
+            geometry = spot_pitch_geometry(samples, 2 if scale is None else scale, tile_lr, preset=preset)
+            geometry = sub_spot_geometry(geometry) if sub_spot else geometry
         if example and split.test_region is None and not split.test_samples:
             from diffst.example import EXAMPLE_TEST_REGION
 
@@ -117,7 +140,8 @@ def prepare(
         typer.echo(f"Geometry: {geometry.describe()}")
         gene_list = [g.strip() for g in genes.split(",") if g.strip()] if genes else None
         path = prepare_dataset(samples, out, geometry, n_genes=n_genes, genes=gene_list,
-                               split=split, min_tissue_fraction=min_tissue, overwrite=overwrite)
+                               split=split, min_tissue_fraction=min_tissue, overwrite=overwrite,
+                               self_supervised=self_supervised, sub_spot=sub_spot)
     import json
 
     meta = json.loads((path / "dataset.json").read_text())
@@ -191,8 +215,21 @@ def train_command(
 @app.command()
 def predict(
     checkpoint: Annotated[Path, typer.Option(help="Checkpoint folder or run folder (latest checkpoint).")],
-    data: Annotated[Path, typer.Option(help="Prepared dataset to predict.")],
-    out: Annotated[Path, typer.Option(help="Output .h5ad (one row per HR bin).")] = Path("prediction.h5ad"),
+    data: Annotated[Path | None, typer.Option(help="Prepared dataset to predict (or --input).")] = None,
+    input_: Annotated[Path | None, typer.Option("--input", help="A raw sample folder or file (as for prepare): all "
+                                                "its tissue is tiled with overlap and blended into one map.")] = None,
+    platform: Annotated[str, typer.Option(help="--input: auto, xenium, visium, visium_hd, legacy_st or anndata.")] = "auto",
+    image: Annotated[Path | None, typer.Option(help="--input: image file, when not found in the sample folder.")] = None,
+    pixel_size: Annotated[float | None, typer.Option(help="--input: image microns per pixel (else from metadata).")] = None,
+    force_pixel_size: Annotated[bool, typer.Option(help="--input, Xenium: use --pixel-size even where checks disagree "
+                                                        "(warn only).")] = False,
+    min_qv: Annotated[float | None, typer.Option(help="--input, Xenium: drop transcripts below this quality.")] = None,
+    image_origin: Annotated[str | None, typer.Option(help="--input: x,y microns of the image's top-left corner.")] = None,
+    stride: Annotated[float | None, typer.Option(help="--input: stride (µm) between tiles; default half a tile.")] = None,
+    min_tissue: Annotated[float, typer.Option(help="--input: minimum fraction of a tile that shows tissue.")] = 0.25,
+    out: Annotated[Path, typer.Option(help="Output: NAME.h5ad (AnnData, one row per HR bin) or NAME.zarr (SpatialData "
+                                           "store with histology, HR bins, LR spots; needs pip install "
+                                           "'diffst[spatial]').")] = Path("prediction.h5ad"),
     split: Annotated[str, typer.Option(help="Split of the prepared dataset: train, val or test.")] = "test",
     sampler: Annotated[str | None, typer.Option(help="ddpm, ddim or dpmpp (default: the run's sampler setting).")] = None,
     steps: Annotated[int | None, typer.Option(help="Sampling steps; 0 = all of the model's diffusion steps (the paper's "
@@ -205,9 +242,11 @@ def predict(
     evaluate: Annotated[bool, typer.Option(help="Also compare with bicubic and the ground truth (if any).")] = True,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing prediction written by Diff-ST.")] = False,
 ) -> None:
-    """Predict HR maps in counts and write AnnData (X = mean, layers std / observed, obsm spatial).
+    """Predict HR maps in counts and write AnnData or a SpatialData store (X = mean, layers std / observed).
 
-    Samples with the run's own ``sampler:`` settings; --sampler, --steps and --samples override them.
+    Samples with the run's own ``sampler:`` settings; --sampler, --steps and --samples override them. The
+    output's ``uns['diffst']`` records the checkpoint, sampler, seed, K, versions and the input files with
+    their sha256.
     """
     from diffst.atomic import check_replaceable
     from diffst.inference.predict import (
@@ -217,6 +256,10 @@ def predict(
         to_anndata,
         write_h5ad,
     )
+    from diffst.inference.provenance import prediction_provenance
+    from diffst.inference.whole_slide import raw_input_record, whole_slide_tiles
+    from diffst.io.spatialdata_out import is_diffst_spatialdata, require_spatial, write_prediction_spatialdata
+    from diffst.runs import load_run
 
     if steps is not None:
         _positive(steps, "--steps", 0)
@@ -229,17 +272,49 @@ def predict(
         overrides["steps"] = None
     metrics_path = out.with_suffix(".metrics.json")
     with _user_errors():
-        if out.suffix != ".h5ad":
-            raise typer.BadParameter(f"--out {out}: the prediction is AnnData; give a file name ending in .h5ad.")
-        check_replaceable(out, "prediction", is_diffst_prediction, overwrite)
+        if out.suffix not in (".h5ad", ".zarr"):
+            raise typer.BadParameter(f"--out {out}: give a file name ending in .h5ad (AnnData) or .zarr (SpatialData "
+                                     "store).")
+        if (data is None) == (input_ is None):
+            raise typer.BadParameter("give either --data (a prepared dataset) or --input (a raw sample), not both "
+                                     "or neither.")
+        spatialdata = out.suffix == ".zarr"
+        check_replaceable(out, "prediction", is_diffst_spatialdata if spatialdata else is_diffst_prediction, overwrite)
+        evaluate = evaluate and input_ is None  # a whole slide includes training tissue: nothing held out to score
         if evaluate:
             check_replaceable(metrics_path, "metrics file", _is_metrics_file, overwrite)
-        resolve_device(device)
-        dataset, preds, extras = predict_checkpoint(checkpoint, data, split=split, sampler=overrides,
-                                                    batch_size=batch_size, seed=seed, device=device)
-        adata = to_anndata(dataset, preds, extra_uns={"checkpoint": extras["checkpoint"], "sampler": extras["sampler"]})
-        write_h5ad(adata, out)
-        typer.echo(f"Wrote {out}: {adata.n_obs} HR bins x {adata.n_vars} genes")
+        if spatialdata:  # a missing optional package is reported before any work, not after sampling
+            require_spatial("spatialdata")
+        dev = resolve_device(device)
+        with contextlib.ExitStack() as stack:
+            run, input_record, blend = None, None, "mean"
+            if input_ is not None:
+                options = {"image": image, "pixel_size_um": pixel_size, "force_pixel_size": force_pixel_size,
+                           "image_origin_um": _floats(image_origin, 2, "--image-origin"), "min_qv": min_qv}
+                samples = _read_inputs([input_], False, platform, options)
+                run = load_run(checkpoint, device=dev)
+                # The temporary tiling lives beside the output, so it lands on the same disk and is removed after.
+                workdir = out.expanduser().resolve().parent
+                workdir.mkdir(parents=True, exist_ok=True)
+                data = stack.enter_context(whole_slide_tiles(samples, run, workdir,
+                                                             stride_um=stride, min_tissue_fraction=min_tissue))
+                split, blend = "test", "window"
+                input_record = raw_input_record(samples, [input_], {k: v for k, v in options.items() if v})
+            dataset, preds, extras = predict_checkpoint(checkpoint, data, split=split, sampler=overrides,
+                                                        batch_size=batch_size, seed=seed, device=device, run=run)
+            provenance = prediction_provenance(extras, data, split, dataset.meta, preds.samples_model.shape[0],
+                                               input_record=input_record)
+            adata = to_anndata(dataset, preds, extra_uns=provenance, blend=blend)
+            if spatialdata:
+                write_prediction_spatialdata(dataset, preds, out, adata=adata)
+                typer.echo(f"Wrote {out}: SpatialData store, {adata.n_obs} HR bins x {adata.n_vars} genes")
+            else:
+                write_h5ad(adata, out)
+                typer.echo(f"Wrote {out}: {adata.n_obs} HR bins x {adata.n_vars} genes")
+            for name, seam in adata.uns["diffst"].get("seams", {}).items():
+                typer.echo(f"  {name}: {len(dataset)} tiles blended; mean |difference| of neighbouring bins across tile "
+                           f"edges {seam['seam_mean_abs_diff']:.3f} vs inside tiles {seam['inside_mean_abs_diff']:.3f} "
+                           f"(ratio {seam['ratio']:.2f})")
         if evaluate and dataset.has_hr:
             from diffst.atomic import atomic_output
             from diffst.evaluation.report import evaluate_split

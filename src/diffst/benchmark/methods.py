@@ -50,6 +50,8 @@ TRAINED = (*LEARNED, *TWO_STAGE)
 METHODS = (*BASELINES, *TRAINED)
 ABLATIONS = (*TWO_STAGE, "regression", "regression-no-cam", "regression-no-graph", "regression-no-hier",
              "regression-mse")
+#: Samples drawn per test tile by the sampling methods (their intervals' and spread's source).
+INTERVAL_SAMPLES = 4
 # Budget -> run preset of the trained methods (tiny: a few steps, for CI and tests; full: the cpu preset).
 BUDGETS = {"tiny": "tiny", "full": "cpu"}
 
@@ -122,7 +124,7 @@ def train_method(method: str, data_path: Path, run_dir: Path, budget: str, seed:
 
 
 def predict_method(method: str, data_path: Path, *, run_dir: Path | None = None, budget: str = "tiny",
-                   seed: int = 0, device: str = "cpu") -> np.ndarray:
+                   seed: int = 0, device: str = "cpu", samples: bool = False):
     """HR counts of the test tiles of ``data_path`` predicted by ``method``, shape (T, N, H, W).
 
     Parameters
@@ -135,12 +137,21 @@ def predict_method(method: str, data_path: Path, *, run_dir: Path | None = None,
         Run folder of a trained method (reused and resumed when it exists).
     budget, seed, device
         Training budget (:data:`BUDGETS`), seed and device of trained methods.
+    samples
+        Also return the K sampled count maps of sampling methods, (K, T, N, H, W), or None for others.
 
     Returns
     -------
-    np.ndarray
-        Predicted counts per HR bin, float32.
+    np.ndarray or tuple
+        Predicted counts per HR bin, float32 (with ``samples``: ``(counts, sampled counts or None)``).
     """
+    if samples:
+        return _predict(method, data_path, run_dir, budget, seed, device)
+    return _predict(method, data_path, run_dir, budget, seed, device)[0]
+
+
+def _predict(method: str, data_path: Path, run_dir: Path | None, budget: str, seed: int,
+             device: str) -> tuple[np.ndarray, np.ndarray | None]:
     from diffst.data.dataset import PreparedTiles
 
     test = PreparedTiles(data_path, "test")
@@ -151,28 +162,35 @@ def predict_method(method: str, data_path: Path, *, run_dir: Path | None = None,
         from diffst.core.spots import project_to_spots
 
         raw = predict_method(method.removesuffix("+spots"), data_path)
-        return project_to_spots(np.clip(raw, 0, None), lr, geom.scale, np.asarray(test.lr_mask, bool))
+        return project_to_spots(np.clip(raw, 0, None), lr, geom.scale, np.asarray(test.lr_mask, bool)), None
     if method in ("bicubic", "nearest"):
         from diffst.baselines.interpolation import interpolate_lr
 
-        return interpolate_lr(lr, hr_shape, geom.scale, mode=method)
+        return interpolate_lr(lr, hr_shape, geom.scale, mode=method), None
     if method == "tesla":
         from diffst.baselines.tesla import tesla_like
 
-        return tesla_like(lr, tissue, hr_shape, geom.scale)
+        return tesla_like(lr, tissue, hr_shape, geom.scale), None
     if method == "ridge":
         from diffst.baselines.ridge import HistologyRidge
 
         train = PreparedTiles(data_path, "train")
         model = HistologyRidge().fit(np.asarray(train.lr_counts), np.asarray(train.tissue),
                                      np.asarray(train.hr_counts), geom.scale)
-        return model.predict(lr, tissue, hr_shape, geom.scale)
+        return model.predict(lr, tissue, hr_shape, geom.scale), None
     if method in TRAINED:
         if run_dir is None:
             raise ValueError(f"method {method} needs a run folder")
         from diffst.inference.predict import predict_checkpoint
 
         run = train_method(method, data_path, run_dir, budget, seed, device)
-        _, preds, _ = predict_checkpoint(run, data_path, split="test", device=device, seed=seed, progress=False)
-        return np.asarray(preds.mean, dtype=np.float32)
+        from diffst.runs import load_run
+
+        loaded = load_run(run, device=device)
+        sampling = loaded.config.train.objective == "diffusion"
+        # Sampling methods draw INTERVAL_SAMPLES samples: their spread gives the intervals the benchmark scores.
+        _, preds, _ = predict_checkpoint(run, data_path, split="test", device=device, seed=seed, progress=False,
+                                         run=loaded, sampler={"num_samples": INTERVAL_SAMPLES} if sampling else None)
+        drawn = np.asarray(test.normaliser.to_counts(preds.samples_model), dtype=np.float32) if sampling else None
+        return np.asarray(preds.mean, dtype=np.float32), drawn
     raise ValueError(f"unknown method {method}")

@@ -70,12 +70,72 @@ def _cell_metrics(pred: np.ndarray, truth: np.ndarray, normaliser, origins_um: n
             "example": example}
 
 
-def _save_prediction(path: Path, pred: np.ndarray) -> None:
-    """Keep a cell's predicted counts (float32, compressed) beside its JSON, written atomically."""
+def _save_prediction(path: Path, pred: np.ndarray, drawn: np.ndarray | None) -> None:
+    """Keep a cell's predicted counts (and samples) beside its JSON: float32, compressed, written atomically."""
     from diffst.atomic import atomic_output
 
+    arrays = {"counts": np.asarray(pred, dtype=np.float32)}
+    if drawn is not None:
+        arrays["samples"] = np.asarray(drawn, dtype=np.float32)
     with atomic_output(path, directory=False) as tmp, open(tmp, "wb") as fh:
-        np.savez_compressed(fh, counts=np.asarray(pred, dtype=np.float32))
+        np.savez_compressed(fh, **arrays)
+
+
+def _coverage(drawn: np.ndarray, pred: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
+    """Coverage of held-out observed counts by the raw 50 % and 90 % intervals, overall and (90 %) per gene."""
+    from diffst.inference.intervals import coverage, interval_bounds
+
+    b = interval_bounds(drawn, pred)
+    per_gene = [coverage(b["q05"][:, g], b["q95"][:, g], truth[:, g]) for g in range(truth.shape[1])]
+    return {"50": coverage(b["q25"], b["q75"], truth), "90": coverage(b["q05"], b["q95"], truth),
+            "90_per_gene": per_gene, "n_bins": int(truth.size)}
+
+
+def calibrate_folds(out: Path, cells: list[dict[str, Any]]) -> dict[str, Any]:
+    """Cross-fitted interval calibration: each fold's spread factor is fitted on the other folds' tiles.
+
+    For every scale and sampling method with at least two folds, the factor of fold i
+    (:func:`~diffst.inference.intervals.fit_spread`, 90 % level) comes from the held-out tiles of the other
+    folds, and fold i's coverage is measured with it; so no fold is calibrated on itself.
+
+    Returns
+    -------
+    dict
+        ``{"s<scale>": {method: {"raw_50", "raw_90", "calibrated_50", "calibrated_90", "spread"}}}``:
+        bin-weighted coverages and the factors per fold.
+    """
+    from diffst.data.dataset import PreparedTiles
+    from diffst.inference.intervals import coverage, fit_spread, interval_bounds
+
+    groups: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    for c in cells:
+        if c.get("coverage"):
+            groups.setdefault((c["scale"], c["method"]), []).append(c)
+    result: dict[str, Any] = {}
+    for (scale, method), mine in sorted(groups.items()):
+        if len(mine) < 2:
+            continue
+        data = []
+        for c in mine:
+            with np.load(out / "cells" / f"s{scale}" / c["fold"] / f"{method}.npz") as z:
+                truth = np.asarray(PreparedTiles(out / "prepared" / f"s{scale}" / c["fold"], "test").hr_counts)
+                data.append((z["samples"], z["counts"], truth))
+        sums = {"raw_50": 0.0, "raw_90": 0.0, "calibrated_50": 0.0, "calibrated_90": 0.0}
+        spreads, total = [], 0
+        for i, (drawn, pred, truth) in enumerate(data):
+            rest = [d for j, d in enumerate(data) if j != i]
+            factor = fit_spread(np.concatenate([d[0].reshape(len(d[0]), -1) for d in rest], axis=1),
+                                np.concatenate([d[1].ravel() for d in rest]), np.concatenate([d[2].ravel() for d in rest]))
+            raw, cal = interval_bounds(drawn, pred), interval_bounds(drawn, pred, spread=factor)
+            n = truth.size
+            sums["raw_50"] += coverage(raw["q25"], raw["q75"], truth) * n
+            sums["raw_90"] += coverage(raw["q05"], raw["q95"], truth) * n
+            sums["calibrated_50"] += coverage(cal["q25"], cal["q75"], truth) * n
+            sums["calibrated_90"] += coverage(cal["q05"], cal["q95"], truth) * n
+            spreads.append(factor)
+            total += n
+        result.setdefault(f"s{scale}", {})[method] = {**{k: v / total for k, v in sums.items()}, "spread": spreads}
+    return result
 
 
 def _cell_setup(setup: dict[str, Any], status: dict[str, Any] | None) -> dict[str, Any]:
@@ -276,15 +336,16 @@ def run_benchmark(
                     test = PreparedTiles(data_path, "test")
                 run_dir = out / "runs" / f"s{scale}" / fold.name / f"{method}-{budget}-seed{seed}"
                 start = time.perf_counter()
-                pred = predict_method(method, data_path, run_dir=run_dir if method in TRAINED else None,
-                                      budget=budget, seed=seed, device=device)
+                pred, drawn = predict_method(method, data_path, run_dir=run_dir if method in TRAINED else None,
+                                             budget=budget, seed=seed, device=device, samples=True)
                 truth = np.asarray(test.hr_counts)
                 cell = {"setup": _cell_setup(setup, status), "scale": scale, "fold": fold.name, "sample": fold.sample, "method": method,
                         "n_test_tiles": len(truth), "tile_ids": list(test.tiles["tile_id"]), "genes": gene_list,
                         **_cell_metrics(pred, truth, test.normaliser,
                                         np.stack([test.tiles["x0_um"], test.tiles["y0_um"]], axis=1), geom.hr_bin_um),
+                        **({} if drawn is None else {"coverage": _coverage(drawn, pred, truth)}),
                         "seconds": round(time.perf_counter() - start, 2)}
-                _save_prediction(cell_dir / f"{method}.npz", pred)  # metrics can be recomputed without a rerun
+                _save_prediction(cell_dir / f"{method}.npz", pred, drawn)  # metrics can be recomputed without a rerun
                 write_json(cell_dir / f"{method}.json", cell)
                 cell = read_json(cell_dir / f"{method}.json")
             all_cells.append(cell)
@@ -299,6 +360,7 @@ def run_benchmark(
                         "min_tissue": min_tissue},
               "folds": fold_rows, "cells": [{k_: v for k_, v in c.items() if k_ != "setup"} for c in all_cells]}
     result["summary"] = summarise(result, seed=seed)
+    result["calibration"] = calibrate_folds(out, result["cells"])
     write_report(out, result)
     return result
 

@@ -25,6 +25,15 @@ def _transform(a: np.ndarray, k: int, flip: bool) -> np.ndarray:
     return np.rot90(a, k, axes=(-2, -1))
 
 
+def _tensor(a: np.ndarray, dtype=None) -> torch.Tensor:
+    """Return a tensor of its own memory, C-ordered with positive strides.
+
+    ``np.ascontiguousarray`` keeps a flipped view of an axis of length one (a 1 x 1 LR map) as it is, with
+    a negative stride torch cannot take, so the array is copied.
+    """
+    return torch.from_numpy(np.array(a, dtype=dtype, order="C", copy=True))
+
+
 def describe_gene_mismatch(model_genes: list[str], data_genes: list[str]) -> str:
     """Say which genes differ between a model and a dataset (missing, extra, or the same set reordered)."""
     missing = [g for g in model_genes if g not in data_genes]
@@ -48,7 +57,9 @@ class PreparedTiles(Dataset):
     """Tiles of one split of a prepared dataset, in model space.
 
     Each item is a dict of float32 tensors: ``lr`` (N, h, w) and, when the dataset has HR ground
-    truth, ``hr`` (N, H, W), both in the normaliser's model space; ``lr_mask`` (h, w); ``tissue``
+    truth, ``hr`` (N, H, W), both in the normaliser's model space, with ``hr_mask`` (H, W) (bool: the
+    HR bins that were measured; all True for point data, the bins holding a spot in the self-supervised
+    mode); ``lr_mask`` (h, w); ``tissue``
     (C, S, S) and ``cells`` (M, C, p, p) in [0, 1]; ``cell_entropy`` (M,); and ``index``.
     ``normaliser`` overrides the dataset's own (use the trained model's when predicting).
     With ``augment=True`` one of the 8 square symmetries (flips, 90-degree rotations) is drawn per
@@ -88,6 +99,16 @@ class PreparedTiles(Dataset):
         self.lr_counts = load("lr_counts")
         self.lr_mask = load("lr_mask")
         self.hr_counts = load("hr_counts") if self.has_hr else None
+        self.hr_mask = None
+        if self.has_hr:
+            if (folder / "hr_mask.npy").exists() or self.meta.get("format_version", 1) >= 2:
+                self.hr_mask = load("hr_mask")
+            else:  # format v1: HR came from transcripts only, every bin measured
+                self.hr_mask = np.ones((len(self.hr_counts), *self.hr_counts.shape[-2:]), dtype=bool)
+            if self.hr_mask.shape != (len(self.hr_counts), *self.hr_counts.shape[-2:]):
+                raise InputError(f"{folder}: hr_mask has shape {self.hr_mask.shape} but hr_counts "
+                                 f"{self.hr_counts.shape}; the folder is inconsistent. Prepare the dataset again.")
+        self.self_supervised = bool(self.meta.get("self_supervised", False))
         self.tissue = load("tissue")
         self.cells = load("cells")
         self.cell_entropy = load("cell_entropy")
@@ -122,14 +143,15 @@ class PreparedTiles(Dataset):
         tissue = np.asarray(self.tissue[i], dtype=np.float32) / 255.0
         cells = np.asarray(self.cells[i], dtype=np.float32) / 255.0
         entropy = np.array(self.cell_entropy[i], dtype=np.float32)
-        hr = None
+        hr = hr_mask = None
         if self.has_hr:
             hr = self.normaliser.to_model(np.array(self.hr_counts[i], dtype=np.float32))
+            hr_mask = np.array(self.hr_mask[i], dtype=bool)
         if self.augment:
             k, flip = DIHEDRAL[self._rng.integers(len(DIHEDRAL))]
             lr, mask, tissue = _transform(lr, k, flip), _transform(mask, k, flip), _transform(tissue, k, flip)
             if hr is not None:
-                hr = _transform(hr, k, flip)
+                hr, hr_mask = _transform(hr, k, flip), _transform(hr_mask, k, flip)
             g = self.geometry.cell_grid
             grid = cells.reshape(g, g, *cells.shape[1:])  # (g, g, C, p, p)
             grid = _transform(np.moveaxis(grid, (0, 1), (-2, -1)), k, flip)  # grid positions
@@ -138,13 +160,14 @@ class PreparedTiles(Dataset):
             ent = _transform(entropy.reshape(g, g), k, flip).reshape(-1)
             entropy = ent
         item = {
-            "lr": torch.from_numpy(np.ascontiguousarray(lr, dtype=np.float32)),
-            "lr_mask": torch.from_numpy(np.ascontiguousarray(mask)),
-            "tissue": torch.from_numpy(np.ascontiguousarray(tissue)),
-            "cells": torch.from_numpy(np.ascontiguousarray(cells)),
-            "cell_entropy": torch.from_numpy(np.ascontiguousarray(entropy)),
+            "lr": _tensor(lr, np.float32),
+            "lr_mask": _tensor(mask),
+            "tissue": _tensor(tissue),
+            "cells": _tensor(cells),
+            "cell_entropy": _tensor(entropy),
             "index": torch.tensor(i),
         }
         if hr is not None:
-            item["hr"] = torch.from_numpy(np.ascontiguousarray(hr, dtype=np.float32))
+            item["hr"] = _tensor(hr, np.float32)
+            item["hr_mask"] = _tensor(hr_mask)
         return item

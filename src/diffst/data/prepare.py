@@ -1,17 +1,23 @@
 """Prepare a dataset of registered tiles on disk.
 
-On-disk format (``FORMAT_VERSION`` 1), a folder::
+On-disk format (``FORMAT_VERSION`` 2), a folder::
 
     dataset.json            geometry, genes, normalisation, splits, samples, provenance
     tiles.csv               one row per tile: tile_id, split, index (row within its split), sample,
                             x0_um, y0_um, x1_um, y1_um, n_counts, tissue_fraction
     <split>/lr_counts.npy   float32 (T, N, tile_lr, tile_lr)  raw counts per LR bin
     <split>/lr_mask.npy     bool    (T, tile_lr, tile_lr)     LR bins that were measured
-    <split>/hr_counts.npy   float32 (T, N, tile_hr, tile_hr)  raw counts per HR bin (point data only)
+    <split>/hr_counts.npy   float32 (T, N, tile_hr, tile_hr)  raw counts per HR bin (when has_hr)
+    <split>/hr_mask.npy     bool    (T, tile_hr, tile_hr)     HR bins that were measured (when has_hr)
     <split>/tissue.npy      uint8   (T, C, tissue_px, tissue_px)
     <split>/cells.npy       uint8   (T, M, C, cell_px, cell_px)  row-major over the cell grid
     <split>/cell_entropy.npy float32 (T, M)                   Shannon entropy (bits) of each patch
     preview.png             histology / LR / HR of a few genes on one tile
+
+``has_hr`` holds for point data (HR = binned transcripts, every HR bin measured) and for spot data
+prepared in the self-supervised mode (``self_supervised`` in ``dataset.json``: HR = the spots, one HR
+bin per spot pitch, bins without a spot unmeasured; see :mod:`diffst.data.tiling`). Version 1 datasets
+(no ``hr_mask.npy``; every HR bin measured) are still read.
 
 Splits are ``train``, ``val`` and ``test``. A tile belongs to one split only, and no training tile
 overlaps a val/test region or comes from a val/test sample, so no test pixel is ever seen in training.
@@ -40,7 +46,9 @@ from diffst.data.normalise import LogScaleNormaliser
 from diffst.data.tiling import TileArrays, intersects, make_tile, plan_origins
 from diffst.errors import GeometryError, InputError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions this code reads: v1 lacks ``hr_mask.npy`` (its HR bins are all measured).
+READABLE_VERSIONS = (1, 2)
 SPLITS = ("train", "val", "test")
 DATASET_ENTRIES = {"dataset.json", "tiles.csv", "preview.png", *SPLITS}
 log = logging.getLogger("diffst.data")
@@ -133,8 +141,10 @@ def plan_tiles(samples: Sequence[Sample], geom: TileGeometry, split: SplitSpec) 
         unknown = set(listed) - names
         if unknown:
             raise InputError(f"Split names unknown sample(s) {sorted(unknown)}; samples are {sorted(names)}.")
-    train_stride = geom.tile_um / 2 if split.train_stride_um is None else split.train_stride_um
-    eval_stride = geom.tile_um / 2 if split.eval_stride_um is None else split.eval_stride_um
+    # Default: half a tile, in whole HR bins (so overlapping tiles share bins whatever tile_hr is).
+    half = max(1, geom.tile_hr // 2) * geom.hr_bin_um
+    train_stride = half if split.train_stride_um is None else split.train_stride_um
+    eval_stride = half if split.eval_stride_um is None else split.eval_stride_um
     plan = []
     for s in samples:
         region = _sample_region(s, geom)
@@ -205,15 +215,34 @@ def prepare_dataset(
     overwrite: bool = False,
     progress: bool = True,
     preview: bool = True,
+    self_supervised: bool = False,
+    sub_spot: bool = False,
 ) -> Path:
     """Tile samples into a prepared dataset folder (format in this module's docstring).
 
     Returns the folder. Writes ``dataset.json``, ``tiles.csv``, the per-split arrays and
     ``preview.png``. The normalisation is fitted on the training tiles only.
+
+    ``self_supervised=True`` prepares spot-only slides (Visium, legacy ST) to train on themselves: their
+    spots become the HR ground truth, one HR bin per spot pitch, with an HR mask of the bins holding a
+    spot, and LR is s x s block sums of them (:func:`diffst.data.tiling.tile_spots_as_hr`). Use a geometry
+    from :func:`diffst.core.geometry.spot_pitch_geometry` (its ``hr_bin_um`` must be within 10 % of the
+    spot pitch). Tiles without any spot are skipped.
+
+    ``sub_spot=True`` prepares spot-only slides for the sub-spot map of such a model: the real spots are
+    the LR input, one LR bin per spot pitch (spots sharing a bin averaged, as in self-supervised HR), no HR.
+    Use :func:`diffst.core.geometry.sub_spot_geometry` of the training geometry.
     """
     split = split or SplitSpec()
     if not samples:
         raise InputError("No samples given to prepare.")
+    if self_supervised and sub_spot:
+        raise InputError("self_supervised (train on the spots) and sub_spot (predict below the spots) exclude each "
+                         "other; prepare one dataset for each.")
+    if self_supervised:
+        _check_self_supervised(samples, geometry)
+    if sub_spot:
+        _check_self_supervised(samples, geometry, "lr_bin_um", "sub_spot")
     out_dir = check_replaceable(out_dir, "prepared dataset", is_prepared_dataset, overwrite)
     for s in samples:
         if s.image is None:
@@ -234,8 +263,8 @@ def prepare_dataset(
     tiles: dict[str, list[TileArrays]] = {k: [] for k in SPLITS}
     rows, skipped = [], 0
     for which, name, x, y in tqdm(plan, desc="Preparing tiles", unit="tile", disable=not progress):
-        tile = make_tile(by_name[name], gene_idx[name], geometry.at(x, y))
-        if tile.tissue_fraction < min_tissue_fraction:
+        tile = make_tile(by_name[name], gene_idx[name], geometry.at(x, y), self_supervised, sub_spot)
+        if tile.tissue_fraction < min_tissue_fraction or (self_supervised and not tile.hr_mask.any()):
             skipped += 1
             continue
         rows.append({"split": which, "index": len(tiles[which]), "sample": name, "x0_um": x, "y0_um": y,
@@ -248,7 +277,7 @@ def prepare_dataset(
             "Check that the image shows the tissue where the data are, or lower min_tissue_fraction."
         )
     _check_no_leak(rows)
-    has_hr = all(s.has_points for s in samples)
+    has_hr = self_supervised or all(s.has_points for s in samples)
     fit_split = _normaliser_split(tiles, split, samples)
     fit_source = tiles[fit_split]
     if has_hr:
@@ -271,6 +300,9 @@ def prepare_dataset(
             "normaliser": normaliser.model_dump(),
             "normaliser_fitted_on": fit_split,
             "has_hr": has_hr,
+            "self_supervised": bool(self_supervised),
+            "sub_spot": bool(sub_spot),
+            "hr_source": "spots" if self_supervised else ("transcripts" if has_hr else None),
             "image_channels": int(samples[0].image.n_channels),
             "split": split.model_dump(),
             "n_tiles": {k: len(v) for k, v in tiles.items()},
@@ -302,6 +334,7 @@ def _write_dataset(folder: Path, tiles: dict[str, list[TileArrays]], table: pd.D
         np.save(sub / "lr_mask.npy", np.stack([t.lr_mask for t in group]))
         if has_hr:
             np.save(sub / "hr_counts.npy", np.stack([t.hr_counts for t in group]).astype(np.float32))
+            np.save(sub / "hr_mask.npy", np.stack([t.measured_hr() for t in group]).astype(bool))
         np.save(sub / "tissue.npy", np.stack([t.tissue for t in group]))
         np.save(sub / "cells.npy", np.stack([t.cells for t in group]))
         np.save(sub / "cell_entropy.npy", np.stack([t.cell_entropy for t in group]))
@@ -329,6 +362,29 @@ def is_prepared_dataset(path: Path) -> bool:
     return True
 
 
+def _check_self_supervised(samples: Sequence[Sample], geometry: TileGeometry, bin_name: str = "hr_bin_um",
+                           mode: str = "self_supervised") -> None:
+    """Check that samples and geometry fit the self-supervised mode (spot data, HR bin = spot pitch).
+
+    With ``bin_name="lr_bin_um"`` the same for the sub-spot mode (LR bin = spot pitch).
+    """
+    from diffst.core.geometry import spot_pitch_um
+
+    points = [s.name for s in samples if s.has_points]
+    if points:
+        raise InputError(f"{mode} is for spot-only slides (Visium, legacy ST), but sample(s) {points} hold "
+                         "transcripts, whose binned counts are HR ground truth already. Prepare them without it.")
+    for s in samples:
+        pitch = spot_pitch_um(s.spots.xy_um)
+        size = getattr(geometry, bin_name)
+        if abs(size / pitch - 1) > 0.1:
+            fix = ("spot_pitch_geometry(samples, scale) (the CLI does so with --self-supervised)" if mode ==
+                   "self_supervised" else "sub_spot_geometry(training geometry) (the CLI does so with --sub-spot)")
+            raise GeometryError(
+                f"{mode} tiles put one spot per {bin_name[:2].upper()} bin, but that bin is {size:g} µm and the "
+                f"spots of sample {s.name} are {pitch:g} µm apart. Use {fix}, or a {bin_name} equal to the pitch.")
+
+
 def _check_no_leak(rows: list[dict]) -> None:
     """No training tile may share area with a held-out tile of the same sample."""
     def boxes(which: str) -> list[tuple[str, Rect]]:
@@ -353,9 +409,9 @@ def load_meta(path: str | Path) -> dict:
         raise InputError(f"{meta_file} is corrupt ({exc}); prepare the dataset again.") from exc
     if not isinstance(meta, dict):
         raise InputError(f"{meta_file} is not a dataset description (a JSON object); prepare the dataset again.")
-    if meta.get("format") != "diffst-prepared" or meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format") != "diffst-prepared" or meta.get("format_version") not in READABLE_VERSIONS:
         raise InputError(
             f"{meta_file} has format {meta.get('format')} v{meta.get('format_version')}; this Diff-ST reads "
-            f"diffst-prepared v{FORMAT_VERSION}. Prepare the dataset again with this version."
+            f"diffst-prepared v{', v'.join(map(str, READABLE_VERSIONS))}. Prepare the dataset again with this version."
         )
     return meta

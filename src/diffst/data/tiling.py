@@ -2,6 +2,16 @@
 
 HR maps by binning, LR maps by block sums or rasterised spots, and the tile's histology as a
 tissue-level image plus cell-level patches with their entropy.
+
+Self-supervised mode on spot-only slides (:func:`tile_spots_as_hr`): the spots themselves are the HR
+ground truth, one HR bin per spot pitch (see :func:`diffst.core.geometry.spot_pitch_geometry`). Each
+spot goes to the HR bin holding its centre; a bin that holds two spot centres (on Visium's hexagonal
+array with square bins of one pitch, rows are 0.87 pitch apart, so about one bin in seven does) gets
+their *mean*, so every measured bin is one spot's worth of tissue and no bin looks twice as bright;
+bins without a spot are masked (``hr_mask`` False). LR = s x s block sums of the HR bins, for
+blocks whose s² bins are all measured; other blocks are unmeasured (``lr_mask`` False, LR 0), as an
+LR bin without a spot is in the ordinary spot mode, because a partial sum would under-count the block
+and teach the model to share out a total that is too small.
 """
 
 from __future__ import annotations
@@ -56,14 +66,24 @@ class TileArrays:
     cell_entropy: np.ndarray  # (M,) float32
     tissue_fraction: float
     n_transcripts: int
+    hr_mask: np.ndarray | None = None  # (tile_hr, tile_hr) bool: HR bins that were measured; None: all (or no HR)
+
+    def measured_hr(self) -> np.ndarray | None:
+        """Return the HR mask to store: ``hr_mask``, all True for point data, None without HR."""
+        if self.hr_counts is None:
+            return None
+        if self.hr_mask is None:
+            return np.ones(self.hr_counts.shape[-2:], dtype=bool)
+        return self.hr_mask
 
 
-def tile_expression(sample: Sample, gene_idx: np.ndarray, geom: TileGeometry):
+def tile_expression(sample: Sample, gene_idx: np.ndarray, geom: TileGeometry, average_spots: bool = False):
     """HR and LR counts of the selected genes in a placed tile.
 
     Point data: HR = binned transcripts, LR = s x s block sums of HR (pseudo-spots).
-    Spot data: no HR; LR = counts of the spots whose centres fall in each LR bin, with a mask of
-    the bins that hold a spot.
+    Spot data: no HR; LR = counts of the spots whose centres fall in each LR bin (their sum, or with
+    ``average_spots`` their mean: LR bins of one spot pitch, as for the sub-spot map of a self-supervised
+    model, where a hexagonal array puts two centres in some bins), with a mask of the bins that hold a spot.
     """
     x0, y0, _, _ = geom.bounds_um()
     n = len(gene_idx)
@@ -88,7 +108,63 @@ def tile_expression(sample: Sample, gene_idx: np.ndarray, geom: TileGeometry):
         sub = spots.counts[inside][:, gene_idx].toarray().astype(np.float32)
         np.add.at(lr, (slice(None), row[inside], col[inside]), sub.T)
         mask[row[inside], col[inside]] = True
+        if average_spots:
+            per_bin = np.zeros(mask.shape, dtype=np.float32)
+            np.add.at(per_bin, (row[inside], col[inside]), 1.0)
+            lr /= np.maximum(per_bin, 1.0)
     return None, lr, mask
+
+
+def block_all(mask: np.ndarray, scale: int) -> np.ndarray:
+    """Whether every bin of each s x s block of the last two axes is True (a block fully measured)."""
+    *lead, rows, cols = mask.shape
+    if rows % scale or cols % scale:
+        raise GeometryError(f"HR mask {rows} x {cols} is not divisible by the scale factor {scale}.")
+    return mask.reshape(*lead, rows // scale, scale, cols // scale, scale).all(axis=(-3, -1))
+
+
+def tile_spots_as_hr(sample: Sample, gene_idx: np.ndarray, geom: TileGeometry):
+    """HR, LR and their masks of a placed tile in the self-supervised mode (spots as HR ground truth).
+
+    Each spot whose centre falls in the tile goes to the HR bin holding that centre; a bin holding several
+    spot centres gets their mean. LR is the s x s block sum of HR where all s² bins of the block are
+    measured, 0 and unmeasured elsewhere (see the module docstring).
+
+    Parameters
+    ----------
+    sample
+        A spot sample (``sample.spots``).
+    gene_idx
+        Columns of the genes to keep, in order.
+    geom
+        The placed tile; ``geom.hr_bin_um`` should be the spot pitch
+        (:func:`~diffst.core.geometry.spot_pitch_geometry`).
+
+    Returns
+    -------
+    tuple of np.ndarray
+        ``(hr, lr, lr_mask, hr_mask)``: float32 (N, H, H) counts per HR bin, float32 (N, h, h) LR counts,
+        bool (h, h) and bool (H, H).
+    """
+    if sample.spots is None:
+        raise InputError(f"Sample {sample.name} holds transcripts; the self-supervised mode tiles spot data only.")
+    x0, y0, _, _ = geom.bounds_um()
+    n, side = len(gene_idx), geom.tile_hr
+    xy = sample.spots.xy_um
+    col = np.floor((xy[:, 0] - x0) / geom.hr_bin_um).astype(np.int64)
+    row = np.floor((xy[:, 1] - y0) / geom.hr_bin_um).astype(np.int64)
+    inside = np.flatnonzero((col >= 0) & (col < side) & (row >= 0) & (row < side))
+    total = np.zeros((n, side, side), dtype=np.float64)
+    spots = np.zeros((side, side), dtype=np.int64)
+    if len(inside):
+        sub = sample.spots.counts[inside][:, gene_idx].toarray().astype(np.float64)
+        np.add.at(total, (slice(None), row[inside], col[inside]), sub.T)
+        np.add.at(spots, (row[inside], col[inside]), 1)
+    hr_mask = spots > 0
+    hr = (total / np.maximum(spots, 1)).astype(np.float32)
+    lr_mask = block_all(hr_mask, geom.scale)
+    lr = np.where(lr_mask, block_sum(hr, geom.scale), 0.0).astype(np.float32)
+    return hr, lr, lr_mask, hr_mask
 
 
 def tile_histology(sample: Sample, geom: TileGeometry) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -131,8 +207,13 @@ def foreground_fraction(full: np.ndarray, is_rgb: bool) -> float:
     return float((full.max(axis=0) > 0.05).mean())
 
 
-def make_tile(sample: Sample, gene_idx: np.ndarray, geom: TileGeometry) -> TileArrays:
-    """All modalities of one placed tile; raises when the tile lies outside the image."""
+def make_tile(sample: Sample, gene_idx: np.ndarray, geom: TileGeometry, self_supervised: bool = False,
+              average_spots: bool = False) -> TileArrays:
+    """All modalities of one placed tile; raises when the tile lies outside the image.
+
+    ``self_supervised``: a spot sample's spots are the HR ground truth (:func:`tile_spots_as_hr`).
+    ``average_spots``: spots sharing an LR bin give their mean (:func:`tile_expression`).
+    """
     x0, y0, x1, y1 = geom.bounds_um()
     ix0, iy0, ix1, iy1 = sample.image.extent_um()
     tol = sample.image.pixel_size_um
@@ -141,16 +222,20 @@ def make_tile(sample: Sample, gene_idx: np.ndarray, geom: TileGeometry) -> TileA
             f"Tile x {x0:.1f}-{x1:.1f} µm, y {y0:.1f}-{y1:.1f} µm of sample {sample.name} extends beyond its image "
             f"(x {ix0:.1f}-{ix1:.1f}, y {iy0:.1f}-{iy1:.1f} µm). Place tiles inside the image."
         )
-    hr, lr, mask = tile_expression(sample, gene_idx, geom)
+    hr_mask = None
+    if self_supervised:
+        hr, lr, mask, hr_mask = tile_spots_as_hr(sample, gene_idx, geom)
+    else:
+        hr, lr, mask = tile_expression(sample, gene_idx, geom, average_spots)
     tissue, cells, entropy, full = tile_histology(sample, geom)
     if hr is not None:
         occupied = (hr.sum(axis=0) > 0).mean()
         fraction = float(max(occupied, foreground_fraction(full, sample.image.is_rgb)))
-        n_tx = int(hr.sum())
+        n_tx = int(round(float(hr.sum())))
     else:
         fraction = foreground_fraction(full, sample.image.is_rgb)
         n_tx = int(lr.sum())
-    return TileArrays(geom, lr, mask, hr, tissue, cells, entropy, fraction, n_tx)
+    return TileArrays(geom, lr, mask, hr, tissue, cells, entropy, fraction, n_tx, hr_mask)
 
 
 def plan_origins(

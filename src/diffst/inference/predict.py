@@ -20,10 +20,10 @@ from diffst.core.spots import project_to_spots
 from diffst.data.dataset import PreparedTiles
 from diffst.diffusion.config import SamplerConfig
 from diffst.diffusion.process import GaussianDiffusion
-from diffst.diffusion.samplers import sample_with_config, x0_probe
+from diffst.diffusion.samplers import sample_with_config, sampling_autocast, x0_probe
 from diffst.diffusion.target import decode_target
 from diffst.errors import InputError
-from diffst.models.base import Conditions
+from diffst.models.base import Conditions, bind_conditions
 from diffst.runs import Run, load_run, regression_output
 
 
@@ -88,7 +88,8 @@ def predict_tiles(
     sampler
         Method, steps, K, eta and clipping (see :func:`diffst.diffusion.samplers.sample_with_config`).
     batch_size, seed, device, progress
-        Tiles per batch, noise seed, where to run, progress bar.
+        Tiles per batch (its K samples run together: K x batch_size maps per network call), noise seed, where
+        to run, progress bar.
 
     Returns
     -------
@@ -118,12 +119,18 @@ def predict_tiles(
             hr = regression_output(model, cond, (len(idx), *shape_hr), cfg, run.dataset).maps[None]
             x0_point = hr[0]
         else:
-            def model_fn(x, t, cond=cond):
-                return model(x, t, **cond).prediction
+            # Encoded once per batch, not at every sampler step: the conditions depend on neither x nor t.
+            denoise = bind_conditions(model, cond, shape_hr[1:])
+
+            def model_fn(x, t, denoise=denoise):
+                return denoise(x, t).prediction
 
             generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + b)
-            _, _, drawn = sample_with_config(model_fn, (len(idx), *shape_hr), diffusion, sampler, generator,
-                                             device=device)
+            # The K samples run as one batch (one network call per step for all of them), in mixed precision
+            # where the device has it natively.
+            with sampling_autocast(device):
+                _, _, drawn = sample_with_config(model_fn, (len(idx), *shape_hr), diffusion, sampler, generator,
+                                                 device=device, batch_samples=True)
             hr = torch.stack([decode_target(d, cond.lr, cfg.diffusion.target, base) for d in drawn])
             x0_point = base
             if estimate == "x0_probe":
@@ -144,13 +151,15 @@ def predict_tiles(
     return TilePredictions(mean=mean, std=std, samples_model=samples)
 
 
-def stitch(tiles: pd.DataFrame, maps: dict[str, np.ndarray], hr_bin_um: float) -> pd.DataFrame:
+def stitch(tiles: pd.DataFrame, maps: dict[str, np.ndarray], hr_bin_um: float,
+           window: np.ndarray | None = None) -> pd.DataFrame:
     """Average overlapping tiles of one sample onto its HR grid.
 
     ``tiles`` has x0_um / y0_um per tile; ``maps`` holds arrays (T, N, H, W) to stitch (a ``std``
-    entry is combined as the root of the mean variance). Returns a long table with one row per
-    covered bin: ``row``, ``col``, ``x_um``, ``y_um`` (bin centre) and, per map, an (n, N) array
-    under ``attrs``.
+    entry is combined as the root of the mean variance). ``window`` (H, W) weights each tile's bins
+    (e.g. :func:`diffst.inference.whole_slide.tile_window`, which fades tiles out towards their edges);
+    None weighs all bins alike. Returns a long table with one row per covered bin: ``row``, ``col``,
+    ``x_um``, ``y_um`` (bin centre) and, per map, an (n, N) array under ``attrs``.
     """
     gx0, gy0 = tiles["x0_um"].min(), tiles["y0_um"].min()
     first = next(iter(maps.values()))
@@ -158,13 +167,14 @@ def stitch(tiles: pd.DataFrame, maps: dict[str, np.ndarray], hr_bin_um: float) -
     offs_c = np.round((tiles["x0_um"].to_numpy() - gx0) / hr_bin_um).astype(int)
     offs_r = np.round((tiles["y0_um"].to_numpy() - gy0) / hr_bin_um).astype(int)
     grid_h, grid_w = offs_r.max() + h, offs_c.max() + w
+    weight = np.ones((h, w)) if window is None else np.asarray(window, float)
     count = np.zeros((grid_h, grid_w))
     sums = {k: np.zeros((n_genes, grid_h, grid_w)) for k in maps}
     for j, (r, c) in enumerate(zip(offs_r, offs_c, strict=True)):
-        count[r : r + h, c : c + w] += 1
+        count[r : r + h, c : c + w] += weight
         for key, arr in maps.items():
             value = arr[j] ** 2 if key == "std" else arr[j]
-            sums[key][:, r : r + h, c : c + w] += value
+            sums[key][:, r : r + h, c : c + w] += weight * value
     rows, cols = np.nonzero(count)
     table = pd.DataFrame({"row": rows, "col": cols, "x_um": gx0 + (cols + 0.5) * hr_bin_um,
                           "y_um": gy0 + (rows + 0.5) * hr_bin_um})
@@ -176,8 +186,15 @@ def stitch(tiles: pd.DataFrame, maps: dict[str, np.ndarray], hr_bin_um: float) -
     return table
 
 
-def to_anndata(dataset: PreparedTiles, preds: TilePredictions, *, extra_uns: dict | None = None):
+def to_anndata(dataset: PreparedTiles, preds: TilePredictions, *, extra_uns: dict | None = None,
+               blend: str = "mean"):
     """AnnData with one row per HR bin of every sample in the split (overlapping tiles averaged).
+
+    Writes
+    ------
+    ``blend`` is how overlapping tiles are combined: ``mean`` (plain average) or ``window`` (weighted by
+    :func:`diffst.inference.whole_slide.tile_window`, no visible tile edges; then ``uns['diffst']['seams']``
+    holds :func:`~diffst.inference.whole_slide.seam_jump` of ``X`` per sample).
 
     Writes
     ------
@@ -185,13 +202,26 @@ def to_anndata(dataset: PreparedTiles, preds: TilePredictions, *, extra_uns: dic
     over the K samples (when K > 1); ``layers['observed']``: measured HR counts (when the dataset has
     them); ``obs``: ``sample``, ``row``, ``col``, ``x_um``, ``y_um``; ``obsm['spatial']``: bin centres
     in the sample's full-resolution image pixels; ``obsm['spatial_um']``: the same in microns;
-    ``var_names``: genes; ``uns['spatial'][sample]['scalefactors']`` (spot_diameter_fullres = the bin
-    side in pixels, tissue_hires_scalef = 1) for squidpy/scanpy plotting; ``uns['diffst']``: geometry,
-    sampler and provenance.
+    ``var_names``: genes; ``uns['spatial'][sample]`` for squidpy / scanpy plotting over the histology:
+    ``images['hires']`` ((H, W, 3) uint8 RGB, longest side at most 2000 px, rebuilt from the split's tile
+    images by :func:`diffst.inference.histology.mosaic_tiles` and placed in the full-resolution pixel frame)
+    and ``scalefactors`` (``tissue_hires_scalef``: hires pixels per full-resolution pixel,
+    ``spot_diameter_fullres``: the bin side in full-resolution pixels, ``bin_size_um``,
+    ``microns_per_pixel``) and ``metadata`` (``source_image``); ``uns['diffst']``: geometry, split,
+    n_tiles, num_samples and whatever ``extra_uns`` holds (the command line adds the record of
+    :func:`diffst.inference.provenance.prediction_provenance`: checkpoint and step, sampler, seed, K,
+    versions, input files with sizes and sha256).
     """
     import anndata as ad
 
+    from diffst.inference.histology import hires_image, mosaic_tiles
+    from diffst.inference.whole_slide import seam_jump, tile_window
+
+    if blend not in ("mean", "window"):
+        raise InputError(f"blend='{blend}': use 'mean' or 'window'.")
     geom = dataset.geometry
+    window = tile_window(geom.tile_hr) if blend == "window" else None
+    seams = {}
     samples_meta = {s["name"]: s for s in dataset.meta["samples"]}
     parts, spatial = [], {}
     for name, group in dataset.tiles.groupby("sample", sort=False):
@@ -201,15 +231,26 @@ def to_anndata(dataset: PreparedTiles, preds: TilePredictions, *, extra_uns: dic
             maps["std"] = preds.std[order]
         if dataset.has_hr:
             maps["observed"] = np.asarray(dataset.hr_counts)[order]
-        table = stitch(group, maps, geom.hr_bin_um)
+        table = stitch(group, maps, geom.hr_bin_um, window)
+        if blend == "window":
+            seams[str(name)] = seam_jump(table, table.attrs["maps"]["mean"], group, geom.hr_bin_um, geom.tile_hr)
         table.insert(0, "sample", name)
         um_to_px = np.asarray(samples_meta[name]["um_to_px"])
         xy = table[["x_um", "y_um"]].to_numpy()
         table.attrs["spatial"] = xy @ um_to_px[:2, :2].T + um_to_px[:2, 2]
         parts.append(table)
         px_um = float(samples_meta[name]["pixel_size_um"])
-        spatial[name] = {"scalefactors": {"spot_diameter_fullres": geom.hr_bin_um / px_um, "tissue_hires_scalef": 1.0,
-                                          "bin_size_um": geom.hr_bin_um, "microns_per_pixel": px_um}}
+        mosaic = mosaic_tiles(dataset.tissue[order], group["x0_um"].to_numpy(), group["y0_um"].to_numpy(),
+                              geom.tile_um)
+        hires, scalef = hires_image(mosaic, um_to_px)
+        spatial[name] = {
+            "images": {"hires": hires},
+            "scalefactors": {"spot_diameter_fullres": geom.hr_bin_um / px_um, "tissue_hires_scalef": scalef,
+                             "bin_size_um": geom.hr_bin_um, "microns_per_pixel": px_um},
+            # Only the predicted tiles' histology exists in a prepared dataset; the rest of the image is blank.
+            "metadata": {"source_image": f"mosaic of the {dataset.split} tiles' tissue images "
+                                         f"({mosaic.um_per_px:g} µm/px)"},
+        }
     obs = pd.concat(parts, ignore_index=True)
     obs.index = [f"{s}_{r}_{c}" for s, r, c in zip(obs["sample"], obs["row"], obs["col"], strict=True)]
     obs["sample"] = obs["sample"].astype("category")
@@ -225,7 +266,9 @@ def to_anndata(dataset: PreparedTiles, preds: TilePredictions, *, extra_uns: dic
     adata.obsm["spatial_um"] = obs[["x_um", "y_um"]].to_numpy()
     adata.uns["spatial"] = spatial
     adata.uns["diffst"] = {"geometry": geom.to_dict(), "split": dataset.split, "n_tiles": len(dataset),
-                           "num_samples": int(preds.samples_model.shape[0]), **(extra_uns or {})}
+                           "num_samples": int(preds.samples_model.shape[0]), "blend": blend, **(extra_uns or {})}
+    if seams:
+        adata.uns["diffst"]["seams"] = seams
     return adata
 
 
@@ -338,6 +381,7 @@ def predict_checkpoint(
     seed: int = 0,
     device: str = "auto",
     progress: bool = True,
+    run: Run | None = None,
 ):
     """Load a trained run and predict every tile of a prepared split.
 
@@ -352,6 +396,8 @@ def predict_checkpoint(
         keys, a :class:`SamplerConfig` replaces it (see :func:`run_sampler`).
     batch_size, seed, device, progress
         See :func:`predict_tiles`; ``device`` may be ``auto``.
+    run
+        The run of ``checkpoint`` when already loaded (on ``device``).
 
     Returns
     -------
@@ -359,10 +405,11 @@ def predict_checkpoint(
         ``(dataset, predictions, extras)``; the dataset reads the tiles through the model's own normaliser
         and gene list, so outputs are in counts whatever dataset the model was trained on. ``extras``:
         ``checkpoint`` (path), ``step``, ``weights``, ``sampler`` (the settings used, ``point_estimate``
-        resolved) and ``seed``.
+        resolved), ``seed`` and, for a two-stage run, ``base_checkpoint`` and ``base_step`` (its regression
+        stage).
     """
     dev = resolve_device(device)
-    run = load_run(checkpoint, device=dev)
+    run = run if run is not None else load_run(checkpoint, device=dev)
     trained = run.dataset
     dataset = PreparedTiles(data, split, normaliser=trained.normaliser if trained else None)
     if trained and trained.geometry.scale != dataset.geometry.scale:
@@ -380,4 +427,6 @@ def predict_checkpoint(
     used = sampler.model_copy(update={"point_estimate": point_estimate_kind(run, sampler)})
     extras = {"checkpoint": str(run.path), "step": run.step, "weights": run.weights, "sampler": used.model_dump(),
               "seed": seed}
+    if run.base is not None:
+        extras.update(base_checkpoint=str(run.base.path), base_step=run.base.step)
     return dataset, preds, extras

@@ -5,11 +5,15 @@ prediction, plus any auxiliary losses of their own.
 
 The call is ``model(x_t, t, **conditions)``, with ``conditions`` a :class:`Conditions` (a read-only
 mapping of the keyword conditions, so ``**`` unpacks it).
+
+A model whose condition branch does not depend on x_t or t may also offer ``encode_conditions(hr_size,
+**conditions) -> EncodedConditions`` and ``forward_encoded(x_t, t, encoded) -> DenoiserOutput``: a sampler
+then encodes the conditions once per tile instead of once per step (:func:`bind_conditions`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -17,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["DenoiserOutput", "Conditions", "Denoiser", "regress"]
+__all__ = ["DenoiserOutput", "Conditions", "EncodedConditions", "Denoiser", "bind_conditions", "regress"]
 
 
 @dataclass
@@ -100,6 +104,24 @@ class Conditions(Mapping[str, Any]):
         moved = {k: v.to(device, non_blocking=non_blocking) for k in _NAMES[:4] if (v := getattr(self, k)) is not None}
         return replace(self, **moved)
 
+    def repeat(self, times: int) -> Conditions:
+        """Return the conditions of ``times`` copies of the batch, one copy after another.
+
+        Parameters
+        ----------
+        times
+            Number of copies (K samples of the same B tiles as one batch of K * B).
+
+        Returns
+        -------
+        Conditions
+            Tensors of batch ``times * B``: item ``j * B + i`` is tile i.
+        """
+        if times == 1:
+            return self
+        tiled = {k: v.repeat(times, *([1] * (v.ndim - 1))) for k in _NAMES[:4] if (v := getattr(self, k)) is not None}
+        return replace(self, **tiled)
+
     def __getitem__(self, key: str) -> Any:
         if key not in _NAMES:
             raise KeyError(key)
@@ -110,6 +132,37 @@ class Conditions(Mapping[str, Any]):
 
     def __len__(self) -> int:
         return len(_NAMES)
+
+
+@dataclass(frozen=True, eq=False)
+class EncodedConditions:
+    """A model's encoding of the conditions of B tiles: what its forward needs besides x_t and t.
+
+    Made by a model's ``encode_conditions`` and read only by the same model's ``forward_encoded``; the
+    samplers just carry it from one step to the next.
+
+    Attributes
+    ----------
+    features
+        Named tensors, each with the batch on its first axis (what they are is the model's business).
+    aux_losses
+        The auxiliary losses of the condition branch (e.g. ``"disentangle"``).
+    """
+
+    features: dict[str, Tensor]
+    aux_losses: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        """The number B of tiles encoded."""
+        return next(iter(self.features.values())).shape[0]
+
+    def repeat(self, times: int) -> EncodedConditions:
+        """Return the encoding of ``times`` copies of the batch, one copy after another (see :meth:`Conditions.repeat`)."""
+        if times == 1:
+            return self
+        tiled = {k: v.repeat(times, *([1] * (v.ndim - 1))) for k, v in self.features.items()}
+        return EncodedConditions(tiled, self.aux_losses)
 
 
 class Denoiser(Protocol):
@@ -149,6 +202,49 @@ class Denoiser(Protocol):
             model; the default ignores it (models without a gene graph).
         """
         return None
+
+
+def bind_conditions(model: Any, conditions: Conditions, hr_size: tuple[int, int]) -> Callable[[Tensor, Tensor], DenoiserOutput]:
+    """Bind the conditions of B tiles to a denoiser: ``denoise(x_t, t)`` for the samplers.
+
+    A model with ``encode_conditions`` / ``forward_encoded`` (Diff-ST) encodes the conditions here, once,
+    instead of at every sampler step; other models are called as ``model(x_t, t, **conditions)``. A batch
+    of x_t that holds r copies of the B tiles (r * B maps, copy after copy, e.g. K samples at once) gets
+    the conditions repeated r times.
+
+    Parameters
+    ----------
+    model
+        The denoiser (in eval mode for sampling; the encoding is made under the caller's grad mode).
+    conditions
+        The conditions of B tiles.
+    hr_size
+        (H, W) of the HR maps the denoiser will be called on.
+
+    Returns
+    -------
+    callable
+        ``denoise(x_t, t) -> DenoiserOutput`` for x_t of shape (r * B, N, H, W).
+    """
+    batch = conditions.lr.shape[0]
+    encode = getattr(model, "encode_conditions", None)
+    encoded = encode(tuple(hr_size), **conditions) if encode is not None else None
+    repeated: dict[int, Any] = {}
+
+    def copies(x_t: Tensor) -> int:
+        if x_t.shape[0] % batch:
+            raise ValueError(f"x_t holds {x_t.shape[0]} maps, not a multiple of the {batch} tiles bound")
+        return x_t.shape[0] // batch
+
+    def denoise(x_t: Tensor, t: Tensor) -> DenoiserOutput:
+        times = copies(x_t)
+        if times not in repeated:  # the sampler calls with one batch size: repeat once, not per step
+            repeated[times] = encoded.repeat(times) if encoded is not None else conditions.repeat(times)
+        if encoded is not None:
+            return model.forward_encoded(x_t, t, repeated[times])
+        return model(x_t, t, **repeated[times])
+
+    return denoise
 
 
 def regress(model: Denoiser, conditions: Conditions, shape: tuple[int, ...]) -> DenoiserOutput:

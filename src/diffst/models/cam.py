@@ -52,12 +52,34 @@ class _Direction(nn.Module):
         self.value = nn.Conv2d(channels, channels, 1)
         self.out = nn.Conv2d(channels, channels, 1)
 
-    def mixing(self, affinity: Tensor, positions: Tensor | None, key_valid: Tensor) -> Tensor:
-        """FC + softmax over the source pixels. affinity: (Bw, P, P); key_valid: (Bw, P) bool."""
+    def mixing(self, target_keys: Tensor, source_keys: Tensor, scale: float, positions: Tensor | None,
+               key_valid: Tensor) -> Tensor:
+        """FC + softmax over the source pixels of the affinity ``scale * target_keys @ source_keys^T``.
+
+        Parameters
+        ----------
+        target_keys, source_keys
+            (Bw, P, d) projections of the modality being updated (rows) and of the one mixed in (columns).
+        scale
+            Factor of the affinity.
+        positions
+            Indices of the window's pixels in the full ``window x window`` layout when the window shrank.
+        key_valid
+            (Bw, P) bool: source pixels inside the map.
+
+        Returns
+        -------
+        Tensor
+            (Bw, P, P) mixing weights, rows summing to one.
+        """
         weight, bias = self.fc.weight, self.fc.bias
         if positions is not None:
             weight, bias = weight[positions][:, positions], bias[positions]
-        logits = F.linear(affinity, weight, bias)
+        # FC(affinity) = scale * T (W S)^T + b: the affinity has rank d << P, so applying W to the source keys
+        # first costs 2 P^2 d instead of P^3 multiply-adds per window (4x fewer at P = 1024, d = 128).
+        mixed_keys = torch.matmul(weight, source_keys)  # (Bw, P, d)
+        logits = torch.baddbmm(bias.expand(target_keys.shape[0], 1, -1), target_keys, mixed_keys.transpose(1, 2),
+                               alpha=scale)
         logits = logits.masked_fill(~key_valid[:, None, :], float("-inf"))
         return logits.softmax(dim=-1)
 
@@ -117,9 +139,9 @@ class CrossModalAdaptiveModulation(nn.Module):
         area = win_h * win_w
         valid = windows(valid).reshape(1, -1, area).expand(b, -1, -1).reshape(-1, area).bool()
 
-        affinity = torch.einsum("npc,nqc->npq", keys_y, keys_h) * self.scale  # rows: y pixels, cols: h
-        mix_h2y = self.hist_to_st.mixing(affinity, positions, valid)
-        mix_y2h = self.st_to_hist.mixing(affinity.transpose(1, 2), positions, valid)
+        # The affinity A_y^T A_h (rows: y pixels, columns: h pixels) is never formed: see _Direction.mixing.
+        mix_h2y = self.hist_to_st.mixing(keys_y, keys_h, self.scale, positions, valid)
+        mix_y2h = self.st_to_hist.mixing(keys_h, keys_y, self.scale, positions, valid)
 
         values_h = windows(self.hist_to_st.value(feat_h))
         values_y = windows(self.st_to_hist.value(feat_y))

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffst.errors import InputError
-from diffst.models.base import DenoiserOutput
+from diffst.models.base import DenoiserOutput, EncodedConditions
 from diffst.models.cam import CrossModalAdaptiveModulation
 from diffst.models.config import ModelConfig
 from diffst.models.disentangle import ModalityFusion
@@ -139,6 +139,76 @@ class DiffST(nn.Module):
             feat_y, feat_h = self.cam(feat_y, feat_h)
         return self.fusion(feat_y, feat_h)
 
+    def encode_conditions(
+        self,
+        hr_size: tuple[int, int],
+        *,
+        lr: Tensor,
+        tissue: Tensor,
+        cells: Tensor | None = None,
+        cell_entropy: Tensor | None = None,
+        entropy_threshold: float | None = None,
+    ) -> EncodedConditions:
+        """Encode the conditions of B tiles for HR maps of ``hr_size``: everything that depends on neither x_t nor t.
+
+        ``forward_encoded(x_t, t, encode_conditions(hr_size, **cond))`` equals ``forward(x_t, t, **cond)``;
+        a sampler encodes once per tile and calls :meth:`forward_encoded` at every step.
+
+        Parameters
+        ----------
+        hr_size
+            (H, W) of the HR maps the encoding is for.
+        lr, tissue, cells, cell_entropy, entropy_threshold
+            As in :meth:`forward`.
+
+        Returns
+        -------
+        EncodedConditions
+            ``features``: ``"lr_on_hr"`` (B, N, H, W), the LR maps on the HR grid, and ``"condition"``, the
+            fused histology/LR map on the ``condition_level`` grid; ``aux_losses``: ``"disentangle"`` iff enabled.
+        """
+        cfg = self.cfg
+        if cfg.use_hierarchical and (cells is None or cell_entropy is None):
+            raise InputError("this Diff-ST model is hierarchical: pass `cells` and `cell_entropy`")
+        hr_size = (int(hr_size[0]), int(hr_size[1]))
+        condition, aux = self.condition_features(
+            hr_size,
+            lr=lr,
+            tissue=tissue,
+            cells=cells,
+            cell_entropy=cell_entropy,
+            entropy_threshold=entropy_threshold,
+        )
+        return EncodedConditions({"lr_on_hr": resample_lr(lr, hr_size), "condition": condition}, aux)
+
+    def forward_encoded(self, x_t: Tensor, t: Tensor, encoded: EncodedConditions) -> DenoiserOutput:
+        """Predict from noisy HR maps and conditions encoded by :meth:`encode_conditions`.
+
+        Parameters
+        ----------
+        x_t
+            (B, N, H, W) noisy HR maps, H and W those the conditions were encoded for.
+        t
+            (B,) timesteps.
+        encoded
+            The encoding of the same B tiles.
+
+        Returns
+        -------
+        DenoiserOutput
+            As :meth:`forward`.
+        """
+        lr_on_hr = encoded.features["lr_on_hr"]
+        if x_t.shape[0] != lr_on_hr.shape[0] or x_t.shape[1:] != lr_on_hr.shape[1:]:
+            raise InputError(f"x_t is {tuple(x_t.shape)} but the conditions were encoded for {tuple(lr_on_hr.shape)}")
+        inputs = [x_t, lr_on_hr]
+        if self.graph is not None:
+            inputs.append(self.graph(x_t))
+        prediction = self.unet(
+            torch.cat(inputs, dim=1), t, injections={self.cfg.condition_level: encoded.features["condition"]}
+        )
+        return DenoiserOutput(prediction=prediction, aux_losses=dict(encoded.aux_losses))
+
     def forward(
         self,
         x_t: Tensor,
@@ -177,19 +247,12 @@ class DiffST(nn.Module):
         """
         cfg = self.cfg
         check_inputs(x_t, t, lr, tissue, cfg.n_genes, cfg.image_channels, cells, cell_entropy)
-        if cfg.use_hierarchical and (cells is None or cell_entropy is None):
-            raise InputError("this Diff-ST model is hierarchical: pass `cells` and `cell_entropy`")
-        hr_size = (x_t.shape[-2], x_t.shape[-1])
-        inputs = [x_t, resample_lr(lr, hr_size)]
-        if self.graph is not None:
-            inputs.append(self.graph(x_t))
-        condition, aux = self.condition_features(
-            hr_size,
+        encoded = self.encode_conditions(
+            tuple(x_t.shape[-2:]),
             lr=lr,
             tissue=tissue,
             cells=cells,
             cell_entropy=cell_entropy,
             entropy_threshold=entropy_threshold,
         )
-        prediction = self.unet(torch.cat(inputs, dim=1), t, injections={self.cfg.condition_level: condition})
-        return DenoiserOutput(prediction=prediction, aux_losses=aux)
+        return self.forward_encoded(x_t, t, encoded)

@@ -4,10 +4,19 @@ An objective is called as ``objective(model, batch, entropy_threshold, generator
 ``(loss, terms)``: the loss to minimise (including the model's weighted auxiliary losses) and scalar
 terms to log. It declares the names of its terms (``terms``, the per-step metric columns besides
 ``loss``) and which of them validation reports (``val_terms``: validation column -> term).
+
+HR bins that were not measured (``hr_mask`` False in the batch: spot-only slides prepared in the
+self-supervised mode, where bins without a spot hold no ground truth) do not count in the regression
+losses (``mse`` and ``spot_poisson``): the losses are means over measured bins only. The diffusion
+loss is reduced inside :meth:`~diffst.diffusion.process.GaussianDiffusion.training_losses`, so there
+the unmeasured bins' target is set to the condition's own guess instead (x0 = 0 for residual targets:
+the interpolated LR, or the base run's prediction), which teaches nothing but "no residual where
+nothing was measured".
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Protocol
 
@@ -17,11 +26,13 @@ from torch import Tensor, nn
 
 from diffst.config import RunConfig
 from diffst.diffusion.process import GaussianDiffusion
-from diffst.diffusion.target import TargetKind, encode_target
+from diffst.diffusion.target import TargetKind, encode_target, lr_on_hr_grid
 from diffst.models.base import Conditions, regress
 from diffst.runs import DatasetSpec, Run, regression_output
 
-__all__ = ["Objective", "DiffusionObjective", "RegressionObjective", "SpotPoissonObjective", "make_objective"]
+__all__ = ["Objective", "DiffusionObjective", "RegressionObjective", "SpotPoissonObjective", "make_objective",
+           "hr_mask_of", "masked_mean"]
+log = logging.getLogger("diffst.training")
 
 
 class Objective(Protocol):
@@ -36,23 +47,73 @@ class Objective(Protocol):
         ...
 
 
+def hr_mask_of(batch: Mapping[str, Tensor], device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor | None:
+    """Return the batch's HR mask as (B, 1, H, W) weights on ``device``, or None when every bin is measured.
+
+    Parameters
+    ----------
+    batch
+        A dataset batch; ``hr_mask`` (B, H, W) bool when the data have one.
+    device, dtype
+        Where and as what the weights are wanted.
+
+    Returns
+    -------
+    Tensor or None
+        1 for measured HR bins, 0 for the others; None when the batch has no mask or no bin is unmeasured
+        (the losses then stay plain means).
+    """
+    mask = batch.get("hr_mask")
+    if mask is None or bool(mask.all()):
+        return None
+    return mask.to(device)[:, None].to(dtype)
+
+
+def masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean of (B, N, H, W) ``values`` over the bins where ``mask`` (B, 1, H, W) is 1 (all bins when None).
+
+    Parameters
+    ----------
+    values
+        Per-bin losses.
+    mask
+        Weights from :func:`hr_mask_of`, or None.
+
+    Returns
+    -------
+    Tensor
+        A scalar; 0 when no bin is measured.
+    """
+    if mask is None:
+        return values.mean()
+    return (values * mask).sum() / (mask.sum() * values.shape[1]).clamp_min(1.0)
+
+
 def _inputs(batch: Mapping[str, Tensor], entropy_threshold: float | None, target: TargetKind,
-            device: torch.device, base: Run | None = None) -> tuple[Tensor, Conditions]:
+            device: torch.device, base: Run | None = None,
+            fill_unmeasured: bool = False) -> tuple[Tensor, Conditions]:
     """Return the target x0 and the conditions of a batch, on ``device``.
 
     With a base run (``regression_residual``) its frozen prediction is computed from the same (augmented)
-    batch, without gradients.
+    batch, without gradients. ``fill_unmeasured``: unmeasured HR bins (``hr_mask`` False) take the
+    condition's own guess (the base prediction, else the interpolated LR) before encoding.
     """
     cond = Conditions.from_batch(batch, entropy_threshold).to(device, non_blocking=True)
     prior = base.predict_hr(batch, device) if base is not None else None
-    return encode_target(batch["hr"].to(device, non_blocking=True), cond.lr, target, prior), cond
+    hr = batch["hr"].to(device, non_blocking=True)
+    mask = hr_mask_of(batch, device, torch.bool) if fill_unmeasured else None
+    if mask is not None:
+        guess = prior.to(hr.dtype) if prior is not None else lr_on_hr_grid(cond.lr.to(hr.dtype), hr.shape[-2:])
+        hr = torch.where(mask, hr, guess)
+    return encode_target(hr, cond.lr, target, prior), cond
 
 
 class DiffusionObjective:
     """The diffusion objective of :meth:`~diffst.diffusion.process.GaussianDiffusion.training_losses`.
 
     Timesteps and noise are drawn from the step's generator (on the CPU, so runs are reproducible on any
-    device); the model's auxiliary losses are added with weight ``aux_weight``.
+    device); the model's auxiliary losses are added with weight ``aux_weight``. Unmeasured HR bins
+    (``hr_mask`` False) get the condition's own guess as their target (see the module docstring).
 
     Parameters
     ----------
@@ -71,13 +132,19 @@ class DiffusionObjective:
         self.diffusion = diffusion
         self.aux_weight = aux_weight
         self.base = base
+        self._warned = False
 
     def __call__(self, model, batch, entropy_threshold, generator, device):
         """See :class:`Objective`."""
         hr = batch["hr"]
         t = self.diffusion.sample_timesteps(hr.shape[0], generator=generator)
         noise = torch.randn(hr.shape, generator=generator, dtype=hr.dtype)
-        x0, cond = _inputs(batch, entropy_threshold, self.diffusion.cfg.target, device, self.base)
+        if not self._warned and batch.get("hr_mask") is not None and not bool(batch["hr_mask"].all()):
+            self._warned = True
+            log.warning("the batch has unmeasured HR bins (hr_mask); the diffusion loss cannot leave them out, so "
+                        "their target is the condition's own guess (no residual there)")
+        x0, cond = _inputs(batch, entropy_threshold, self.diffusion.cfg.target, device, self.base,
+                           fill_unmeasured=True)
         terms = self.diffusion.training_losses(model, x0, t.to(device), noise=noise.to(device), model_kwargs=cond)
         terms["diffusion_loss"] = terms.pop("loss")
         return _with_aux(terms["diffusion_loss"], terms, self.aux_weight)
@@ -87,7 +154,8 @@ class RegressionObjective:
     """Plain regression: MSE in model space between the model's direct prediction and the target.
 
     The denoiser is called with x_t = 0 at t = 0 (:func:`~diffst.models.base.regress`) and predicts the
-    target x0 (the HR maps, or their residual over interpolated LR) from the conditions alone.
+    target x0 (the HR maps, or their residual over interpolated LR) from the conditions alone. The mean
+    runs over measured HR bins only (``hr_mask``).
 
     Parameters
     ----------
@@ -111,7 +179,8 @@ class RegressionObjective:
         """See :class:`Objective` (``generator`` is unused: the objective draws nothing)."""
         x0, cond = _inputs(batch, entropy_threshold, self.target, device, self.base)
         out = regress(model, cond, tuple(x0.shape))
-        mse = F.mse_loss(out.prediction, x0)
+        mask = hr_mask_of(batch, device, x0.dtype)
+        mse = F.mse_loss(out.prediction, x0) if mask is None else masked_mean((out.prediction - x0) ** 2, mask)
         return _with_aux(mse, {"mse": mse, **out.aux_losses}, self.aux_weight)
 
 
@@ -122,7 +191,7 @@ class SpotPoissonObjective:
     so only where the counts go inside a spot is learned, never how many there are. The deviance of each
     gene is divided by the gene's mean HR count in the batch, so that every gene weighs alike whatever its
     expression level (as the per-gene correlation the benchmark reports does). Bins of unmeasured LR spots
-    (``lr_mask`` False) do not count.
+    (``lr_mask`` False) and unmeasured HR bins (``hr_mask`` False) do not count.
 
     Parameters
     ----------
@@ -149,6 +218,9 @@ class SpotPoissonObjective:
         scale = self.dataset.geometry.scale
         mask = batch["lr_mask"].to(device).repeat_interleave(scale, -2).repeat_interleave(scale, -1)
         mask = mask[:, None].to(hr.dtype)
+        hr_mask = hr_mask_of(batch, device, hr.dtype)
+        if hr_mask is not None:
+            mask = mask * hr_mask
         deviance = poisson_deviance(observed, out.counts)
         weight = 1.0 / ((observed * mask).sum(dim=(0, 2, 3)) / mask.sum().clamp_min(1.0) + 0.1)
         loss = (deviance * mask * weight[None, :, None, None]).sum() / (mask.sum().clamp_min(1.0) * hr.shape[1])

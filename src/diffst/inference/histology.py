@@ -1,0 +1,158 @@
+"""The histology behind a prediction, rebuilt from the tile images of a prepared dataset.
+
+A prepared dataset keeps no copy of the slide image, only each tile's tissue-level image
+(``<split>/tissue.npy``, ``tissue_px`` pixels over ``tile_um`` microns). Those tiles are pasted into one
+mosaic in the slide's micron frame (:func:`mosaic_tiles`) and, for scanpy / squidpy, resampled into the
+full-resolution image's pixel frame at a reduced scale (:func:`hires_image`), the way Space Ranger's
+``tissue_hires_image.png`` relates to ``obsm['spatial']`` through ``tissue_hires_scalef``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from diffst.errors import InputError
+
+# Space Ranger's hires image has a longest side of 2000 px; scanpy and squidpy expect about that.
+HIRES_MAX_SIDE = 2000
+
+
+@dataclass
+class HistologyMosaic:
+    """Histology of a region in the slide's micron frame.
+
+    Attributes
+    ----------
+    image
+        (H, W, C) uint8; pixel (0, 0) has its top-left corner at (``x0_um``, ``y0_um``).
+    x0_um, y0_um
+        Micron coordinates of the mosaic's top-left corner.
+    um_per_px
+        Side of one mosaic pixel in microns.
+    covered
+        (H, W) bool: pixels that some tile covers (the rest is background).
+    """
+
+    image: np.ndarray
+    x0_um: float
+    y0_um: float
+    um_per_px: float
+    covered: np.ndarray
+
+    @property
+    def is_rgb(self) -> bool:
+        """Whether the image is RGB (H&E) rather than 1..k fluorescence channels."""
+        return self.image.shape[2] == 3
+
+    def extent_um(self) -> tuple[float, float, float, float]:
+        """(x0, y0, x1, y1) of the mosaic in microns."""
+        h, w = self.image.shape[:2]
+        return self.x0_um, self.y0_um, self.x0_um + w * self.um_per_px, self.y0_um + h * self.um_per_px
+
+
+def background_value(n_channels: int) -> int:
+    """Value of pixels no tile covers: white glass for RGB H&E, black for fluorescence."""
+    return 255 if n_channels == 3 else 0
+
+
+def mosaic_tiles(tissue: np.ndarray, x0_um: np.ndarray, y0_um: np.ndarray, tile_um: float) -> HistologyMosaic:
+    """Paste tile images into one mosaic, averaging where tiles overlap.
+
+    Parameters
+    ----------
+    tissue
+        (T, C, S, S) uint8 tile images (a memory map is read one tile at a time).
+    x0_um, y0_um
+        (T,) top-left corner of each tile in microns.
+    tile_um
+        Side of a tile in microns (the S pixels span it).
+
+    Returns
+    -------
+    HistologyMosaic
+        At ``tile_um / S`` microns per pixel. Tile corners are rounded to the nearest mosaic pixel (tiles sit
+        on the HR grid, which need not be a whole number of mosaic pixels), so a tile may be off by up to
+        half a pixel.
+    """
+    n_tiles, channels, side, _ = tissue.shape
+    if n_tiles == 0:
+        raise InputError("No tiles to build the histology mosaic from; the split holds no tiles.")
+    um_per_px = tile_um / side
+    gx0, gy0 = float(np.min(x0_um)), float(np.min(y0_um))
+    cols = np.round((np.asarray(x0_um) - gx0) / um_per_px).astype(int)
+    rows = np.round((np.asarray(y0_um) - gy0) / um_per_px).astype(int)
+    height, width = rows.max() + side, cols.max() + side
+    total = np.zeros((height, width, channels), np.float32)
+    count = np.zeros((height, width), np.float32)
+    for j, (r, c) in enumerate(zip(rows, cols, strict=True)):
+        total[r : r + side, c : c + side] += np.moveaxis(np.asarray(tissue[j], np.float32), 0, -1)
+        count[r : r + side, c : c + side] += 1
+    covered = count > 0
+    image = np.full((height, width, channels), background_value(channels), np.uint8)
+    image[covered] = np.clip(np.round(total[covered] / count[covered, None]), 0, 255).astype(np.uint8)
+    return HistologyMosaic(image, gx0, gy0, um_per_px, covered)
+
+
+def display_rgb(image: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 for display: RGB as it is; one fluorescence channel (or the first of several) as grey.
+
+    scanpy and squidpy show a 2-D image through a colour map, so grey is made explicit as RGB.
+    """
+    if image.shape[2] == 3:
+        return image
+    return np.repeat(image[..., :1], 3, axis=2)
+
+
+def hires_image(mosaic: HistologyMosaic, um_to_px: np.ndarray, max_side: int = HIRES_MAX_SIDE,
+                ) -> tuple[np.ndarray, float]:
+    """Resample a mosaic into the full-resolution image's pixel frame, scaled down, for ``uns['spatial']``.
+
+    The result covers full-resolution pixels from (0, 0) to the far corner of the mosaic, so that a bin at
+    ``obsm['spatial']`` (full-resolution pixels) lies at ``obsm['spatial'] * scalef`` in it, as scanpy and
+    squidpy assume; any affine placement (rotation, flip) of the slide image is honoured.
+
+    Parameters
+    ----------
+    mosaic
+        The histology in microns.
+    um_to_px
+        (3, 3) affine map from slide microns to full-resolution image pixels (the sample's ``um_to_px``).
+    max_side
+        Longest side of the result in pixels; it is never finer than the mosaic itself.
+
+    Returns
+    -------
+    tuple
+        ``(image, scalef)``: (H, W, 3) uint8 RGB (:func:`display_rgb`) and ``tissue_hires_scalef``, the
+        hires pixels per full-resolution pixel.
+    """
+    from scipy.ndimage import map_coordinates
+
+    um_to_px = np.asarray(um_to_px, float)
+    x0, y0, x1, y1 = mosaic.extent_um()
+    corners_um = np.array([[x0, y0, 1], [x1, y0, 1], [x0, y1, 1], [x1, y1, 1]])
+    corners_px = corners_um @ um_to_px.T
+    far_x, far_y = corners_px[:, 0].max(), corners_px[:, 1].max()
+    if not (far_x > 0 and far_y > 0):
+        raise InputError(f"The predicted region ({x0:.0f}-{x1:.0f} x {y0:.0f}-{y1:.0f} µm) lies outside its sample's "
+                         "image (negative pixel coordinates); the sample's image placement (um_to_px) is wrong.")
+    full_px_um = float(np.sqrt(abs(np.linalg.det(um_to_px[:2, :2])))) ** -1
+    # No finer than the mosaic (upsampling adds nothing), and no larger than max_side.
+    scalef = min(max_side / max(far_x, far_y), full_px_um / mosaic.um_per_px)
+    width, height = max(1, int(np.ceil(far_x * scalef))), max(1, int(np.ceil(far_y * scalef)))
+    # Centre of each hires pixel -> full-resolution pixel -> microns -> mosaic pixel (centre-based indices).
+    cols, rows = np.meshgrid(np.arange(width) + 0.5, np.arange(height) + 0.5)
+    px = np.stack([cols.ravel() / scalef, rows.ravel() / scalef, np.ones(cols.size)])
+    um = np.linalg.inv(um_to_px) @ px
+    mx = (um[0] - mosaic.x0_um) / mosaic.um_per_px - 0.5
+    my = (um[1] - mosaic.y0_um) / mosaic.um_per_px - 0.5
+    rgb = display_rgb(mosaic.image)
+    background = background_value(mosaic.image.shape[2])
+    out = np.empty((height, width, 3), np.uint8)
+    for ch in range(3):
+        values = map_coordinates(rgb[..., ch].astype(np.float32), [my, mx], order=1, mode="constant",
+                                 cval=float(background))
+        out[..., ch] = np.clip(np.round(values), 0, 255).astype(np.uint8).reshape(height, width)
+    return out, float(scalef)
