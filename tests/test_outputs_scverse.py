@@ -328,3 +328,15 @@ def test_predict_cli_from_raw_input(tiny_run, xenium_crop, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["slide.h5ad"]
     result = runner.invoke(app, ["predict", "--checkpoint", str(tiny_run), "--out", str(tmp_path / "x.h5ad")])
     assert result.exit_code == 2 and "either --data" in result.output
+
+
+def test_h5ad_carries_ordered_count_intervals_and_says_how_they_were_made(h5ad_prediction):
+    import anndata as ad
+
+    adata = ad.read_h5ad(h5ad_prediction)
+    q = {k: np.asarray(adata.layers[k]) for k in ("q05", "q25", "q75", "q95")}
+    assert all(np.isfinite(v).all() and (v >= 0).all() for v in q.values())
+    assert (q["q05"] <= q["q25"]).all() and (q["q25"] <= q["q75"]).all() and (q["q75"] <= q["q95"]).all()
+    assert (q["q95"] > q["q05"]).any()  # Poisson noise alone gives the counts room
+    record = adata.uns["diffst"]["intervals"]
+    assert list(record["levels"]) == [0.5, 0.9] and float(record["spread"]) == 1.0 and not record["calibrated"]

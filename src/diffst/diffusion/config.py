@@ -93,6 +93,10 @@ class SamplerConfig(BaseModel):
         Make every s x s block of the point estimate and of each sample add up to the LR count measured
         there (:func:`~diffst.core.spots.project_to_spots`; unmeasured spots are left as predicted): the
         spots say how much, the model says where.
+    interval_spread
+        Factor on the samples' deviations from the point estimate when the intervals of observed counts are
+        computed (:mod:`diffst.inference.intervals`): 1 uses the samples as drawn; a factor fitted on held-out
+        tiles (``diffst benchmark`` reports one per fold) calibrates them. Recorded with every prediction.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -105,6 +109,7 @@ class SamplerConfig(BaseModel):
     point_estimate: Literal["auto", "x0_probe", "sample_mean", "base"] = "auto"
     probe_draws: int = Field(8, ge=1)
     spot_consistent: bool = True
+    interval_spread: float = Field(1.0, gt=0.0)
 
     @model_validator(mode="after")
     def _eta_only_for_ddim(self) -> SamplerConfig:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from diffst.diffusion.process import GaussianDiffusion
 from diffst.diffusion.samplers import sample_with_config, sampling_autocast, x0_probe
 from diffst.diffusion.target import decode_target
 from diffst.errors import InputError
+from diffst.inference.intervals import LEVELS, interval_bounds
 from diffst.models.base import Conditions, bind_conditions
 from diffst.runs import Run, load_run, regression_output
 
@@ -33,12 +34,16 @@ class TilePredictions:
 
     mean: (T, N, H, W) the point estimate (``SamplerConfig.point_estimate``: a two-stage run's regression
     stage, the x0-probe estimate of the posterior mean, or the mean over the K samples); std: (T, N, H, W) the samples'
-    standard deviation (zeros when K = 1); samples_model: (K, T, N, H, W) sampled HR maps in model space.
+    standard deviation (zeros when K = 1); samples_model: (K, T, N, H, W) sampled HR maps in model space;
+    bounds: for sampling runs, the central 50 % and 90 % intervals of each bin's observed count (``q25``,
+    ``q75``, ``q05``, ``q95``, each (T, N, H, W): :func:`diffst.inference.intervals.interval_bounds` of the
+    samples around the point estimate, ``sampler.interval_spread`` applied); empty for regressions.
     """
 
     mean: np.ndarray
     std: np.ndarray
     samples_model: np.ndarray
+    bounds: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def point_estimate_kind(run: Run, sampler: SamplerConfig) -> str:
@@ -148,7 +153,8 @@ def predict_tiles(
         samples = dataset.normaliser.to_model(counts).astype(np.float32)
         mean = project_to_spots(mean, lr, geom.scale, mask) if point is not None else counts.mean(axis=0)
     std = counts.std(axis=0, ddof=1) if k > 1 else np.zeros_like(mean)
-    return TilePredictions(mean=mean, std=std, samples_model=samples)
+    bounds = {} if regression else interval_bounds(counts, mean, sampler.interval_spread)
+    return TilePredictions(mean=mean, std=std, samples_model=samples, bounds=bounds)
 
 
 def stitch(tiles: pd.DataFrame, maps: dict[str, np.ndarray], hr_bin_um: float,
@@ -199,8 +205,9 @@ def to_anndata(dataset: PreparedTiles, preds: TilePredictions, *, extra_uns: dic
     Writes
     ------
     ``X``: predicted mean counts per HR bin (float32); ``layers['std']``: per-bin standard deviation
-    over the K samples (when K > 1); ``layers['observed']``: measured HR counts (when the dataset has
-    them); ``obs``: ``sample``, ``row``, ``col``, ``x_um``, ``y_um``; ``obsm['spatial']``: bin centres
+    over the K samples (when K > 1); ``layers['q05']``, ``['q25']``, ``['q75']``, ``['q95']``: bounds of
+    the central 90 % and 50 % intervals of each bin's observed count (sampling runs; averaged where tiles
+    overlap); ``layers['observed']``: measured HR counts (when the dataset has them); ``obs``: ``sample``, ``row``, ``col``, ``x_um``, ``y_um``; ``obsm['spatial']``: bin centres
     in the sample's full-resolution image pixels; ``obsm['spatial_um']``: the same in microns;
     ``var_names``: genes; ``uns['spatial'][sample]`` for squidpy / scanpy plotting over the histology:
     ``images['hires']`` ((H, W, 3) uint8 RGB, longest side at most 2000 px, rebuilt from the split's tile
@@ -229,6 +236,7 @@ def to_anndata(dataset: PreparedTiles, preds: TilePredictions, *, extra_uns: dic
         maps = {"mean": preds.mean[order]}
         if preds.samples_model.shape[0] > 1:
             maps["std"] = preds.std[order]
+        maps.update({key: bound[order] for key, bound in preds.bounds.items()})
         if dataset.has_hr:
             maps["observed"] = np.asarray(dataset.hr_counts)[order]
         table = stitch(group, maps, geom.hr_bin_um, window)
@@ -259,7 +267,7 @@ def to_anndata(dataset: PreparedTiles, preds: TilePredictions, *, extra_uns: dic
         return np.concatenate([p.attrs["maps"][key] for p in parts]).astype(np.float32)
 
     adata = ad.AnnData(X=gather("mean"), obs=obs, var=pd.DataFrame(index=list(dataset.genes)))
-    for key in ("std", "observed"):
+    for key in ("std", "observed", *sorted(preds.bounds)):
         if key in parts[0].attrs["maps"]:
             adata.layers[key] = gather(key)
     adata.obsm["spatial"] = np.concatenate([p.attrs["spatial"] for p in parts])
@@ -427,6 +435,12 @@ def predict_checkpoint(
     used = sampler.model_copy(update={"point_estimate": point_estimate_kind(run, sampler)})
     extras = {"checkpoint": str(run.path), "step": run.step, "weights": run.weights, "sampler": used.model_dump(),
               "seed": seed}
+    if preds.bounds:
+        extras["intervals"] = {
+            "levels": list(LEVELS), "layers": sorted(preds.bounds), "spread": used.interval_spread,
+            "calibrated": used.interval_spread != 1.0,
+            "method": "K sampled rates (spread around the point estimate scaled by sampler.interval_spread) "
+                      "mixed with Poisson counting noise"}
     if run.base is not None:
         extras.update(base_checkpoint=str(run.base.path), base_step=run.base.step)
     return dataset, preds, extras

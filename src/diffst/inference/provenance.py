@@ -135,4 +135,6 @@ def prediction_provenance(extras: Mapping[str, Any], data: str | Path, split: st
     if extras.get("base_checkpoint"):
         record["base_checkpoint"] = str(extras["base_checkpoint"])
         record["base_step"] = int(extras["base_step"])
+    if extras.get("intervals"):
+        record["intervals"] = dict(extras["intervals"])  # how the interval layers were made (and calibrated)
     return record
