@@ -26,4 +26,4 @@ def test_demo_trains_both_stages_and_reports_the_baselines(tmp_path, one_thread,
     assert metrics["setup"]["sampler"]["point_estimate"] == "base" and metrics["setup"]["sampler"]["spot_consistent"]
     adata = ad.read_h5ad(out / "prediction_s10.h5ad")
     assert np.isfinite(adata.X).all() and (adata.layers["std"] >= 0).all()
-    assert (out / "comparison_s10.png").stat().st_size > 0
+    assert (out / "comparison_s10.png").stat().st_size > 0 and (out / "slide_s10.png").stat().st_size > 0

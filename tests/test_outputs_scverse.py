@@ -340,3 +340,29 @@ def test_h5ad_carries_ordered_count_intervals_and_says_how_they_were_made(h5ad_p
     assert (q["q95"] > q["q05"]).any()  # Poisson noise alone gives the counts room
     record = adata.uns["diffst"]["intervals"]
     assert list(record["levels"]) == [0.5, 0.9] and float(record["spread"]) == 1.0 and not record["calibrated"]
+
+
+def test_slide_figure_from_the_prediction(h5ad_prediction, tmp_path):
+    import anndata as ad
+
+    from diffst.plotting.slide import region_maps
+
+    adata = ad.read_h5ad(h5ad_prediction)
+    sample = str(adata.obs["sample"].iloc[0])
+    grid, origin = region_maps(adata, sample)
+    assert grid.shape[0] == adata.n_vars and np.isfinite(grid).sum() == adata.n_obs * adata.n_vars
+    # Every bin lands where its micron position says.
+    bin_um = adata.uns["diffst"]["geometry"]["hr_bin_um"]
+    first = adata.obs.iloc[0]
+    assert np.isclose(origin[0] + (first["col"] + 0.5) * bin_um, first["x_um"])
+    out = tmp_path / "slide.png"
+    gene = str(adata.var_names[1])
+    result = runner.invoke(app, ["plot", str(h5ad_prediction), "--out", str(out), "--genes", gene])
+    assert result.exit_code == 0, result.output
+    assert out.stat().st_size > 10_000
+    bad = runner.invoke(app, ["plot", str(h5ad_prediction), "--out", str(out), "--genes", "NOT_A_GENE"])
+    assert bad.exit_code != 0 and "NOT_A_GENE" in bad.output
+    mine = tmp_path / "notes.txt"
+    mine.write_text("keep me")
+    refused = runner.invoke(app, ["plot", str(h5ad_prediction), "--out", str(mine)])
+    assert refused.exit_code != 0 and mine.read_text() == "keep me"

@@ -338,6 +338,34 @@ def _is_metrics_file(path: Path) -> bool:
 
 
 @app.command()
+def plot(
+    prediction: Annotated[Path, typer.Argument(help="A prediction .h5ad written by diffst predict or demo.")],
+    out: Annotated[Path, typer.Option(help="PNG file to write (an existing file is replaced only if it is a PNG).")] = Path("slide.png"),
+    genes: Annotated[str | None, typer.Option(help="Comma-separated genes (rows); default: the 3 most expressed.")] = None,
+    sample: Annotated[str | None, typer.Option(help="Sample to draw; default: the first.")] = None,
+) -> None:
+    """Draw the whole-slide figure of a prediction: histology, LR spots, answer, std, observed (Fig. 3)."""
+    import anndata as ad
+
+    from diffst.errors import InputError
+    from diffst.plotting.slide import plot_slide
+
+    with _user_errors():
+        if not prediction.is_file():
+            raise InputError(f"{prediction} does not exist; give the .h5ad that diffst predict wrote.")
+        if out.exists() and (out.is_dir() or out.suffix.lower() != ".png"):
+            raise InputError(f"{out} exists and is not a PNG figure; choose another --out (nothing is overwritten).")
+        try:
+            adata = ad.read_h5ad(prediction)
+        except Exception as exc:  # h5py / anndata raise many kinds for a damaged file
+            raise InputError(f"{prediction} cannot be read as an .h5ad ({type(exc).__name__}); give the file that "
+                             "diffst predict wrote.") from None
+        names = [g.strip() for g in genes.split(",") if g.strip()] if genes else None
+        path = plot_slide(adata, names, out, sample=sample)
+    typer.echo(f"Wrote {path}")
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("demo_output"),
     scale: Annotated[int, typer.Option(help="Super-resolution factor: 5 or 10.")] = 10,
@@ -369,7 +397,7 @@ def demo(
         typer.echo(f"  {shown:28s} PCC {m['pcc']:.3f}  RMSE(counts) {m['rmse_counts']:.3f}")
     typer.echo(f"  noise ceiling PCC {report['noise_ceiling']['pcc']:.3f}")
     typer.echo(f"Outputs in {out}: prediction_s{scale}.h5ad, metrics_s{scale}.json, comparison_s{scale}.png, "
-               f"prepared_s{scale}/preview.png")
+               f"slide_s{scale}.png, prepared_s{scale}/preview.png")
 
 
 @app.command()

@@ -28,7 +28,8 @@ def run_demo(out: str | Path = "demo_output", scale: int = 10, steps: int = 2000
     out
         Output folder. Writes ``prepared_s<scale>/`` (the prepared example), ``run_s<scale>-regression/`` and
         ``run_s<scale>/`` (stage one and stage two; unfinished runs are resumed), ``prediction_s<scale>.h5ad``,
-        ``metrics_s<scale>.json`` and ``comparison_s<scale>.png``.
+        ``metrics_s<scale>.json``, ``comparison_s<scale>.png`` and ``slide_s<scale>.png`` (the held-out region:
+        histology, LR spots, answer, std, observed).
     scale
         Super-resolution factor (5 or 10).
     steps
@@ -50,6 +51,8 @@ def run_demo(out: str | Path = "demo_output", scale: int = 10, steps: int = 2000
     from diffst.evaluation.report import evaluate_split
     from diffst.example import load_example
     from diffst.inference.predict import predict_checkpoint, to_anndata, write_h5ad
+    from diffst.inference.provenance import prediction_provenance
+    from diffst.plotting.slide import plot_slide
     from diffst.training.recipe import STAGE_ONE_STEPS, train_two_stage
 
     out = Path(out)
@@ -79,8 +82,10 @@ def run_demo(out: str | Path = "demo_output", scale: int = 10, steps: int = 2000
                                                 sampler={"num_samples": num_samples}, seed=seed, device=device,
                                                 progress=progress)
     timings["predict_s"] = time.time() - t0
-    adata = to_anndata(dataset, preds, extra_uns={"checkpoint": extras["checkpoint"], "sampler": extras["sampler"]})
+    provenance = prediction_provenance(extras, cfg.data.path, "test", dataset.meta, preds.samples_model.shape[0])
+    adata = to_anndata(dataset, preds, extra_uns=provenance)
     write_h5ad(adata, out / f"prediction_s{scale}.h5ad")
+    plot_slide(adata, None, out / f"slide_s{scale}.png")
     report = evaluate_split(dataset, {**_baselines(cfg.data.path), "diffst": preds.mean})
     _report(out, scale, steps, seed, example, dataset, preds, extras, report, timings)
     return report
