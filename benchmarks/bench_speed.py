@@ -310,7 +310,17 @@ def measure_training(data: Path, device: torch.device, steps: int) -> dict:
 
 
 def max_rss_mb() -> float:
-    """Peak resident set size of this process in MiB (Linux reports KiB, macOS bytes)."""
+    """Peak resident set size of this process in MiB.
+
+    On Linux the high-water mark of this program's memory (``VmHWM``): ``getrusage``'s ``ru_maxrss`` would
+    carry over the parent's peak through fork and exec. Elsewhere ``ru_maxrss`` (macOS reports bytes).
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
@@ -367,10 +377,11 @@ def measure_levers(device: torch.device, repeats: int, with_compile: bool) -> di
     if device.type == "cpu":
         def bf16_step() -> object:
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                return step(x_t, t)
-        record("cpu_bf16", {"fp32": lambda: step(x_t, t), "bf16": bf16_step}, "a sampler step under bf16 autocast")
+                return step(x_k, t_k)
+        record("cpu_bf16", {"fp32": lambda: step(x_k, t_k), "bf16": bf16_step},
+               "a sampler step of K = 4 samples (one call of batch 4) under bf16 autocast")
         with torch.no_grad():
-            exact, rounded = step(x_t, t).prediction, bf16_step().prediction.float()
+            exact, rounded = step(x_k, t_k).prediction, bf16_step().prediction.float()
         levers["cpu_bf16"]["relative_rms_error"] = float((rounded - exact).pow(2).mean().sqrt()
                                                          / exact.pow(2).mean().sqrt())
     nhwc = randomise_zero_layers(build("diffst", device)).to(memory_format=torch.channels_last)
