@@ -74,7 +74,9 @@ def prepare(
     inputs: Annotated[list[Path] | None, typer.Argument(help="Sample folders/files (Xenium outs, Visium outs, legacy ST folder, .h5ad).")] = None,
     out: Annotated[Path, typer.Option(help="Output folder of the prepared dataset.")] = Path("prepared"),
     example: Annotated[bool, typer.Option(help="Use the built-in real Xenium example.")] = False,
-    platform: Annotated[str, typer.Option(help="auto, xenium, visium, visium_hd, legacy_st or anndata.")] = "auto",
+    platform: Annotated[str, typer.Option(help="auto, xenium, visium, visium_hd, legacy_st, anndata or "
+                                                 "spatialdata (a .zarr store; --image NAME picks its image "
+                                                 "element, STORE.zarr/tables/NAME its table).")] = "auto",
     image: Annotated[Path | None, typer.Option(help="Image file, when not found in the sample folder.")] = None,
     pixel_size: Annotated[float | None, typer.Option(help="Image microns per pixel (else from metadata).")] = None,
     force_pixel_size: Annotated[bool, typer.Option(help="Xenium: use --pixel-size even where the image metadata or "
@@ -161,7 +163,7 @@ def _read_inputs(inputs, example, platform, options: dict):
         raise typer.BadParameter("Give at least one sample path, or --example for the built-in data.")
     from diffst import io
 
-    platforms = ("auto", "xenium", "visium", "visium_hd", "legacy_st", "anndata")
+    platforms = ("auto", "xenium", "visium", "visium_hd", "legacy_st", "anndata", "spatialdata")
     if platform not in platforms:
         raise typer.BadParameter(f"Unknown platform '{platform}'; choose one of {list(platforms)}.")
     kwargs = {k: v for k, v in options.items() if v not in (None, False)}
@@ -173,7 +175,7 @@ def _read_inputs(inputs, example, platform, options: dict):
             raise typer.BadParameter(f"--platform {platform}: {path} looks like {detected} data, not {which}. "
                                      "Use --platform auto, or point to the right files.")
         reader = {"xenium": io.read_xenium, "visium": io.read_visium, "legacy_st": io.read_legacy_st,
-                  "anndata": io.read_anndata}[detected]
+                  "anndata": io.read_anndata, "spatialdata": io.read_spatialdata}[detected]
         unused = [_READER_FLAGS[k] for k in kwargs if k not in inspect.signature(reader).parameters]
         if unused:
             raise typer.BadParameter(f"{', '.join(unused)} does not apply to {path} (read as {which}); drop it.")
@@ -218,7 +220,9 @@ def predict(
     data: Annotated[Path | None, typer.Option(help="Prepared dataset to predict (or --input).")] = None,
     input_: Annotated[Path | None, typer.Option("--input", help="A raw sample folder or file (as for prepare): all "
                                                 "its tissue is tiled with overlap and blended into one map.")] = None,
-    platform: Annotated[str, typer.Option(help="--input: auto, xenium, visium, visium_hd, legacy_st or anndata.")] = "auto",
+    platform: Annotated[str, typer.Option(help="--input: auto, xenium, visium, visium_hd, legacy_st, "
+                                                 "anndata or spatialdata (a .zarr store; --image NAME picks "
+                                                 "its image element).")] = "auto",
     image: Annotated[Path | None, typer.Option(help="--input: image file, when not found in the sample folder.")] = None,
     pixel_size: Annotated[float | None, typer.Option(help="--input: image microns per pixel (else from metadata).")] = None,
     force_pixel_size: Annotated[bool, typer.Option(help="--input, Xenium: use --pixel-size even where checks disagree "
@@ -405,7 +409,9 @@ def benchmark(
     inputs: Annotated[list[Path] | None, typer.Argument(help="Sample folders/files, read as by diffst prepare.")] = None,
     out: Annotated[Path, typer.Option(help="Output folder: cells/, prepared/, runs/, benchmark.json/.md, figures/.")] = Path("benchmark_output"),
     example: Annotated[bool, typer.Option(help="Use the built-in real Xenium example.")] = False,
-    platform: Annotated[str, typer.Option(help="auto, xenium, visium, visium_hd, legacy_st or anndata.")] = "auto",
+    platform: Annotated[str, typer.Option(help="auto, xenium, visium, visium_hd, legacy_st, anndata or "
+                                                 "spatialdata (a .zarr store; --image NAME picks its image "
+                                                 "element, STORE.zarr/tables/NAME its table).")] = "auto",
     image: Annotated[Path | None, typer.Option(help="Image file, when not found in the sample folder.")] = None,
     pixel_size: Annotated[float | None, typer.Option(help="Image microns per pixel (else from metadata).")] = None,
     image_origin: Annotated[str | None, typer.Option(help="x,y microns of the image's top-left corner (Xenium crops).")] = None,

@@ -54,8 +54,8 @@ def check_raw_counts(matrix, what: str = "X") -> None:
 
 def read_anndata(
     adata_or_path,
-    image: str | Path | np.ndarray | SlideImage | None,
-    pixel_size_um: float | None,
+    image: str | Path | np.ndarray | SlideImage | None = "auto",
+    pixel_size_um: float | None = None,
     *,
     spatial_key: str = "spatial",
     coords_unit: str = "px",
@@ -63,6 +63,7 @@ def read_anndata(
     pitch_um: float | None = None,
     layer: str | None = None,
     name: str | None = None,
+    library_id: str | None = None,
 ) -> Sample:
     """Turn an AnnData (in memory or ``.h5ad``) with coordinates and an image into a :class:`Sample`.
 
@@ -72,10 +73,16 @@ def read_anndata(
         An ``anndata.AnnData`` or the path of an ``.h5ad`` file.
     image
         The registered image: a path, an array or a :class:`SlideImage` (then used as is, and
-        ``pixel_size_um`` only converts pixel coordinates). None for no image.
+        ``pixel_size_um`` only converts pixel coordinates). None for no image. ``"auto"`` (default): the
+        image the AnnData carries in ``uns['spatial'][library]['images']`` (``hires``, else ``lowres``),
+        placed by its ``scalefactors`` as scanpy / squidpy Visium data and Diff-ST predictions hold it; then
+        ``obsm[spatial_key]`` are full-resolution pixels (``coords_unit`` must be "px").
     pixel_size_um
         Microns per image pixel. Required when coordinates are in pixels or the image is a
-        path / array.
+        path / array. With the image from ``uns['spatial']`` it is the microns per *full-resolution* pixel
+        (the unit of ``obsm['spatial']``), and optional: by default ``scalefactors['microns_per_pixel']``
+        when present, else ``spot_diameter_um / scalefactors['spot_diameter_fullres']`` with the spot
+        diameter given, the ``bin_size_um`` of the scale factors, or Visium's 55 µm.
     spatial_key
         Key of the (n_obs, 2) coordinates in ``obsm`` (x = column, y = row).
     coords_unit
@@ -87,13 +94,17 @@ def read_anndata(
         Read counts from ``adata.layers[layer]`` (``"raw"`` means ``adata.raw.X``) instead of ``X``.
     name
         Sample name; defaults to the file name or ``"anndata"``.
+    library_id
+        With the image from ``uns['spatial']``: which library, when it holds several (rows are then those
+        whose ``obs['library_id']`` is it, if that column exists).
 
     Returns
     -------
     Sample
         ``platform`` "anndata"; ``spots``: counts CSR (obs x var), ``xy_um``, ``ids`` = obs names;
         ``genes`` = var names; ``image`` a :class:`SlideImage` with origin (0, 0); ``meta``:
-        ``layer``, ``spatial_key``, ``coords_unit``.
+        ``layer``, ``spatial_key``, ``coords_unit`` and, for an image from ``uns['spatial']``,
+        ``library_id``, ``image_kind``, ``um_per_fullres_px``, ``scalefactors``.
     """
     import anndata as ad
 
@@ -112,6 +123,25 @@ def read_anndata(
     else:
         raise InputError(f"Expected an AnnData or an .h5ad path, got {type(adata_or_path).__name__}.")
     label = label or "anndata"
+    if pixel_size_um is not None:
+        pixel_size_um = positive_number(pixel_size_um, "pixel_size_um (--pixel-size)")
+    carried = None
+    if isinstance(image, str) and image == "auto":
+        carried = image_from_uns(adata, label, library_id=library_id, pixel_size_um=pixel_size_um,
+                                 spot_diameter_um=spot_diameter_um)
+        if carried is None:
+            raise InputError(
+                f"The AnnData {label} carries no image (no uns['spatial'][library]['images'] with 'scalefactors', as "
+                "scanpy / squidpy keep Visium data); pass image= (--image), the registered image, and pixel_size_um= "
+                "(--pixel-size), its microns per pixel."
+            )
+        if coords_unit != "px":
+            raise InputError("The image in uns['spatial'] is placed by full-resolution pixel coordinates; use "
+                             "coords_unit='px' with it, or pass image= explicitly.")
+        if carried["rows"] is not None:
+            adata = adata[carried["rows"]]
+        spot_diameter_um = carried["spot_diameter_um"] if spot_diameter_um is None else spot_diameter_um
+        pitch_um = carried["pitch_um"] if pitch_um is None else pitch_um
 
     if spatial_key not in adata.obsm:
         raise InputError(
@@ -162,9 +192,9 @@ def read_anndata(
 
     if coords_unit not in ("px", "um"):
         raise InputError(f"coords_unit={coords_unit!r}; expected 'px' (image pixels) or 'um' (microns).")
-    if pixel_size_um is not None:
-        pixel_size_um = positive_number(pixel_size_um, "pixel_size_um (--pixel-size)")
-    if isinstance(image, SlideImage):
+    if carried is not None:
+        slide_image, px_size = carried["image"], carried["um_per_fullres_px"]
+    elif isinstance(image, SlideImage):
         slide_image = image
         px_size = pixel_size_um if pixel_size_um is not None else image.pixel_size_um
     else:
@@ -176,7 +206,7 @@ def read_anndata(
         px_size = pixel_size_um
         slide_image = SlideImage(image, pixel_size_um=pixel_size_um) if image is not None else None
     if coords_unit == "px":
-        if isinstance(image, SlideImage):
+        if isinstance(image, SlideImage) and carried is None:
             xy_um = coords @ image.px_to_um[:2, :2].T + image.px_to_um[:2, 2]
         else:
             xy_um = coords * float(px_size)
@@ -197,7 +227,138 @@ def read_anndata(
         image=slide_image,
         spots=spots,
         platform="anndata",
-        meta={"layer": layer, "spatial_key": spatial_key, "coords_unit": coords_unit},
+        meta={"layer": layer, "spatial_key": spatial_key, "coords_unit": coords_unit,
+              **({k: carried[k] for k in ("library_id", "image_kind", "um_per_fullres_px", "scalefactors")}
+                 if carried else {})},
     )
     sample.check_registration()
     return sample
+
+
+# Visium spots and their pitch; legacy ST spots (100 µm on a 200 µm pitch) as written in the Visium layout.
+_SPOT_PITCHES_UM = ((55.0, 100.0), (100.0, 200.0))
+_VISIUM_SPOT_UM = 55.0
+
+
+def spot_pitch_um(diameter_um: float | None, binned: bool = False) -> float | None:
+    """Return the array pitch that goes with a spot diameter.
+
+    The bin itself for square bins (Visium HD), Visium's 100 µm for 55 µm spots, legacy ST's 200 µm for 100 µm
+    spots (within 10 %); None otherwise (the spacing is then not checked).
+    """
+    if diameter_um is None:
+        return None
+    if binned:
+        return float(diameter_um)
+    for diameter, pitch in _SPOT_PITCHES_UM:
+        if abs(diameter_um / diameter - 1) < 0.1:
+            return pitch
+    return None
+
+
+def _display_array(array, where: str) -> np.ndarray:
+    """Convert an image array from ``uns['spatial']`` to uint8 / uint16 (rows, cols[, 3]); floats in [0, 1] become uint8."""
+    try:
+        array = np.asarray(array)
+    except Exception as exc:
+        raise InputError(f"{where} is not an image array ({exc}).") from exc
+    if array.ndim == 3 and array.shape[2] == 4:
+        array = array[..., :3]  # RGBA PNG: drop alpha
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3)) or min(array.shape[:2]) < 1:
+        raise InputError(f"{where} has shape {array.shape}; expected (rows, cols) or (rows, cols, 3).")
+    if np.issubdtype(array.dtype, np.floating):
+        finite = array[np.isfinite(array)]
+        if finite.size and finite.min() >= 0 and finite.max() <= 1.0:  # matplotlib / scanpy read PNGs as [0, 1]
+            return np.round(np.nan_to_num(array) * 255).astype(np.uint8)
+        return array.astype(np.float32)
+    if array.dtype not in (np.uint8, np.uint16):
+        if array.min() >= 0 and array.max() <= 255:
+            return array.astype(np.uint8)
+        raise InputError(f"{where} holds {array.dtype} values beyond 0-255; expected uint8 / uint16 or floats in [0, 1].")
+    return array
+
+
+def image_from_uns(adata, label: str, *, library_id: str | None = None, pixel_size_um: float | None = None,
+                   spot_diameter_um: float | None = None) -> dict | None:
+    """Return the image an AnnData carries in ``uns['spatial']`` (scanpy / squidpy / Diff-ST layout), placed in microns.
+
+    ``uns['spatial'][library]`` holds ``images`` (``hires`` / ``lowres`` arrays) and ``scalefactors``
+    (``tissue_hires_scalef``: image pixels per full-resolution pixel; ``spot_diameter_fullres``; optionally
+    ``microns_per_pixel`` and ``bin_size_um``). ``obsm['spatial']`` are full-resolution pixels, so microns are
+    those times the full-resolution pixel size, and the image's pixel size is that over its scale factor.
+
+    Returns
+    -------
+    dict or None
+        None when there is no such image; else ``image`` (:class:`SlideImage`, origin (0, 0)),
+        ``um_per_fullres_px``, ``spot_diameter_um``, ``pitch_um``, ``library_id``, ``image_kind``,
+        ``scalefactors`` and ``rows`` (a boolean mask of the library's rows, or None for all).
+
+    Raises
+    ------
+    InputError
+        Several libraries and no ``library_id``; images without their scale factor.
+    GeometryError
+        When the full-resolution pixel size cannot be derived.
+    """
+    spatial = adata.uns.get("spatial") if hasattr(adata, "uns") else None
+    if not isinstance(spatial, dict) or not spatial:
+        return None
+    with_images = [k for k, v in spatial.items() if isinstance(v, dict) and v.get("images")]
+    if not with_images:
+        return None
+    if library_id is not None:
+        if library_id not in spatial:
+            raise InputError(f"library_id '{library_id}' is not in uns['spatial'] of {label} (libraries: {list(spatial)}).")
+        library = library_id
+    elif len(with_images) == 1:
+        library = with_images[0]
+    else:
+        raise InputError(
+            f"uns['spatial'] of {label} holds {len(with_images)} libraries with images {with_images}; pass library_id= "
+            "(read_anndata) or write one library per .h5ad (e.g. adata[adata.obs['library_id'] == LIB])."
+        )
+    entry = spatial[library]
+    images = entry.get("images") or {}
+    factors = {k: (float(v) if np.ndim(v) == 0 and isinstance(v, int | float | np.number) else v)
+               for k, v in dict(entry.get("scalefactors") or {}).items()}
+    kind = next((k for k in ("hires", "lowres") if k in images), None) or (next(iter(images)) if len(images) == 1 else None)
+    if kind is None:
+        raise InputError(f"uns['spatial']['{library}']['images'] of {label} holds {list(images)}; expected 'hires' or 'lowres'.")
+    scale_key = f"tissue_{kind}_scalef"
+    if scale_key not in factors:
+        raise InputError(
+            f"uns['spatial']['{library}']['scalefactors'] of {label} lacks {scale_key} (keys: {sorted(factors)}), "
+            f"needed to place the {kind} image; add it (image pixels per full-resolution pixel) or pass image=."
+        )
+    scalef = positive_number(factors[scale_key], f"uns['spatial']['{library}']['scalefactors']['{scale_key}']")
+    binned = "bin_size_um" in factors
+    diameter_fullres = factors.get("spot_diameter_fullres")
+    if pixel_size_um is not None:
+        um_per_px, known_px = float(pixel_size_um), True
+    elif factors.get("microns_per_pixel"):
+        um_per_px, known_px = positive_number(factors["microns_per_pixel"], "scalefactors['microns_per_pixel']"), True
+    elif diameter_fullres:
+        assumed = spot_diameter_um or (float(factors["bin_size_um"]) if binned else _VISIUM_SPOT_UM)
+        um_per_px, known_px = float(assumed) / positive_number(diameter_fullres, "scalefactors['spot_diameter_fullres']"), False
+    else:
+        raise GeometryError(
+            f"Cannot tell the pixel size of {label}: uns['spatial']['{library}']['scalefactors'] has neither "
+            "microns_per_pixel nor spot_diameter_fullres. Pass pixel_size_um (--pixel-size), the microns per "
+            "full-resolution pixel (the unit of obsm['spatial'])."
+        )
+    if spot_diameter_um is not None:
+        diameter = float(spot_diameter_um)
+    elif binned:
+        diameter = float(factors["bin_size_um"])
+    elif known_px and diameter_fullres:
+        diameter = float(diameter_fullres) * um_per_px
+    else:
+        diameter = _VISIUM_SPOT_UM if diameter_fullres else None
+    array = _display_array(images[kind], f"uns['spatial']['{library}']['images']['{kind}'] of {label}")
+    rows = None
+    if len(spatial) > 1 and "library_id" in getattr(adata, "obs", {}):
+        rows = (adata.obs["library_id"].astype(str) == str(library)).to_numpy()
+    return {"image": SlideImage(array, pixel_size_um=um_per_px / scalef), "um_per_fullres_px": um_per_px,
+            "spot_diameter_um": diameter, "pitch_um": spot_pitch_um(diameter, binned), "library_id": str(library),
+            "image_kind": kind, "scalefactors": {k: v for k, v in factors.items() if np.ndim(v) == 0}, "rows": rows}
