@@ -435,8 +435,15 @@ def benchmark(
     min_tissue: Annotated[float, typer.Option(help="Minimum fraction of a tile that shows tissue.")] = 0.5,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    self_supervised: Annotated[bool, typer.Option(help="Spot-only slides (Visium, legacy ST): HR = the spots, "
+                                                       "LR = sums of s x s spots (--scales 2 or 3).")] = False,
+    test_sample: Annotated[str | None, typer.Option(help="Sample split instead of region folds: comma-separated "
+                                                        "sample names to test on whole (train on the others), "
+                                                        "e.g. C3.")] = None,
+    tile_lr: Annotated[int | None, typer.Option(help="With --self-supervised: LR blocks per tile side (default: "
+                                                     "tiles of about 16 x 16 spots).")] = None,
 ) -> None:
-    """Region k-fold benchmark of Diff-ST against baselines (resumable: finished cells are reused)."""
+    """Benchmark Diff-ST against baselines on held-out tissue (region folds, or a sample split; resumable)."""
     import logging
 
     from diffst.atomic import check_writable_target
@@ -455,21 +462,27 @@ def benchmark(
             scale_list = []
         if not scale_list:
             raise typer.BadParameter(f"--scales needs comma-separated integers such as 5,10, got '{scales}'.")
-        for scale in scale_list:
-            tile_preset(preset, scale)
+        if tile_lr is not None and not self_supervised:
+            raise typer.BadParameter("--tile-lr sets the tiles of the --self-supervised mode; the other presets' "
+                                     "tiles come from --preset.")
+        if not self_supervised:
+            for scale in scale_list:
+                tile_preset(preset, scale)
         if budget not in BUDGETS:
             raise typer.BadParameter(f"Unknown --budget '{budget}'; choose one of {list(BUDGETS)}.")
         if fold_layout not in ("auto", "strips", "grid"):
             raise typer.BadParameter(f"Unknown --fold-layout '{fold_layout}'; choose auto, strips or grid.")
         method_list = parse_methods(methods)
-        resolve_device(device)
+        device = str(resolve_device(device))
         check_writable_target(out, "benchmark output", folder=True)
         samples = _read_inputs(inputs or [], example, platform, {
             "image": image, "pixel_size_um": pixel_size, "image_origin_um": _floats(image_origin, 2, "--image-origin")})
         gene_list = [g.strip() for g in genes.split(",") if g.strip()] if genes else None
         result = run_benchmark(samples, out, preset=preset, scales=scale_list, k=folds, layout=fold_layout,
                                methods=method_list, budget=budget, n_genes=n_genes, genes=gene_list,
-                               train_stride_um=train_stride, min_tissue=min_tissue, seed=seed, device=device)
+                               train_stride_um=train_stride, min_tissue=min_tissue, seed=seed, device=device,
+                               self_supervised=self_supervised, tile_lr=tile_lr,
+                               test_samples=[t.strip() for t in test_sample.split(",") if t.strip()] if test_sample else None)
     for key, entry in result["summary"].items():
         typer.echo(f"{key}: {entry['n_folds']} folds ({entry['n_folds_skipped']} skipped)")
         for name, row in entry["methods"].items():

@@ -43,8 +43,9 @@ class HistologyRidge:
     centre: np.ndarray | None = None  # (N, P)
     spread: np.ndarray | None = None  # (N, P)
 
-    def fit(self, lr_counts: np.ndarray, tissue: np.ndarray, hr_counts: np.ndarray, scale: int) -> HistologyRidge:
-        """Fit one ridge per gene on training tiles.
+    def fit(self, lr_counts: np.ndarray, tissue: np.ndarray, hr_counts: np.ndarray, scale: int,
+            mask: np.ndarray | None = None) -> HistologyRidge:
+        """Fit one ridge per gene on training tiles (on the bins of ``mask`` only, when given).
 
         Parameters
         ----------
@@ -56,13 +57,16 @@ class HistologyRidge:
             (T, N, H, W) observed HR counts.
         scale
             Super-resolution factor s.
+        mask
+            (T, H, W) bool: the bins to learn from (measured HR bins under measured LR spots); None: all.
         """
         hr = np.asarray(hr_counts, dtype=np.float64)
         log_b, image = _design(lr_counts, tissue, hr.shape[-2:], scale)
+        keep = slice(None) if mask is None else np.asarray(mask, dtype=bool).reshape(-1)
         coefs, centres, spreads = [], [], []
         for g in range(hr.shape[1]):
-            x = _gene_matrix(log_b[:, g], image).astype(np.float64)
-            y = np.log1p(hr[:, g].reshape(-1))
+            x = _gene_matrix(log_b[:, g], image).astype(np.float64)[keep]
+            y = np.log1p(hr[:, g].reshape(-1))[keep]
             centre, spread = x.mean(axis=0), x.std(axis=0)
             centre[0], spread[0] = 0.0, 1.0
             spread[spread < 1e-8] = 1.0

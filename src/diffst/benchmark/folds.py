@@ -5,6 +5,9 @@ Each fold holds out its cell for testing, and names the cell farthest from it as
 symmetrically to one tile side, clamped inside the extent, so that a test tile fits: the held-out region
 then contains the cell, test tiles of neighbouring folds may overlap, and within every fold no training tile
 touches the held-out region (:func:`diffst.data.prepare.prepare_dataset` guarantees that).
+
+A sample split (:func:`sample_fold`) is the other protocol: train on some samples, test on others whole
+(e.g. HER2ST sections C2 -> C3), one fold.
 """
 
 from __future__ import annotations
@@ -27,18 +30,23 @@ class Fold:
     ``cell`` is the fold's share of the extent (cells are disjoint and cover it); ``region`` is the cell grown
     to at least one tile per side, the ``test_region`` of the fold's prepared dataset; ``val_region`` the
     farthest other cell, grown the same way (the ``val_region`` when the benchmark can afford it).
+    A sample split has ``test_samples`` (held out whole), ``sample`` naming the training samples and no
+    regions.
     """
 
     sample: str
     index: int
     k: int
-    cell: Rect
-    region: Rect
+    cell: Rect | None
+    region: Rect | None
     val_region: Rect | None = None
+    test_samples: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
-        """Folder- and file-safe name, e.g. ``xenium_breast_crop_fold0``."""
+        """Folder- and file-safe name, e.g. ``xenium_breast_crop_fold0`` or ``C2_to_C3``."""
+        if self.test_samples:
+            return f"{self.sample}_to_{'+'.join(self.test_samples)}"
         return f"{self.sample}_fold{self.index}"
 
 
@@ -120,3 +128,17 @@ def make_folds(samples: Sequence[Sample], geometry: TileGeometry, k: int, layout
 def _distance(a: Rect, b: Rect) -> float:
     """Distance between the centres of two rectangles."""
     return float(((a[0] + a[2] - b[0] - b[2]) ** 2 + (a[1] + a[3] - b[1] - b[3]) ** 2) ** 0.5 / 2)
+
+
+def sample_fold(samples: Sequence[Sample], test_samples: Sequence[str]) -> Fold:
+    """Return the fold of a sample split: train on every sample not in ``test_samples``, test on those whole."""
+    names = [s.name for s in samples]
+    test = list(dict.fromkeys(test_samples))
+    unknown = [t for t in test if t not in names]
+    if unknown:
+        raise InputError(f"--test-sample {','.join(unknown)} names no sample given; the samples are {names}.")
+    train = [n for n in names if n not in test]
+    if not test or not train:
+        raise InputError(f"A sample split needs at least one training and one test sample; got samples {names} and "
+                         f"test samples {test}. Give more samples, or leave --test-sample out for region folds.")
+    return Fold("+".join(train), 0, 1, None, None, None, tuple(test))

@@ -173,10 +173,11 @@ def _predict(method: str, data_path: Path, run_dir: Path | None, budget: str, se
         return tesla_like(lr, tissue, hr_shape, geom.scale), None
     if method == "ridge":
         from diffst.baselines.ridge import HistologyRidge
+        from diffst.evaluation.report import scoring_mask
 
         train = PreparedTiles(data_path, "train")
         model = HistologyRidge().fit(np.asarray(train.lr_counts), np.asarray(train.tissue),
-                                     np.asarray(train.hr_counts), geom.scale)
+                                     np.asarray(train.hr_counts), geom.scale, mask=scoring_mask(train))
         return model.predict(lr, tissue, hr_shape, geom.scale), None
     if method in TRAINED:
         if run_dir is None:

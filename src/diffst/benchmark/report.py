@@ -99,14 +99,28 @@ def _ci(row: dict, key: str) -> str:
     return f"{_fmt(row[key])} [{_fmt(lo)}, {_fmt(hi)}]"
 
 
+def _protocol(setup: dict[str, Any]) -> str:
+    """One phrase for the split protocol and (spot-only slides) the self-supervised mode."""
+    test = setup.get("test_samples") or []
+    if test:
+        train = [s for s in setup["samples"] if s not in test]
+        text = f"sample split: train on {', '.join(train)}, test on {', '.join(test)} (held out whole)"
+    else:
+        text = f"{setup['k']} region folds per sample ({setup['layout']} layout)"
+    if setup.get("self_supervised"):
+        text += ("; self-supervised on spots (HR = the spots, LR = sums of s x s spots; scored on measured spots "
+                 "of fully measured blocks)")
+    return text
+
+
 def markdown(result: dict[str, Any]) -> str:
     """``benchmark.md``: Table 1 (methods x scales x metrics) and Table 2 (Diff-ST ablations)."""
     setup, summary = result["setup"], result["summary"]
     lines = [
         "# Diff-ST benchmark", "",
-        f"Samples {', '.join(setup['samples'])}; `{setup['preset']}` tiles; {setup['k']} region folds per sample "
-        f"({setup['layout']} layout); {len(setup['genes'])} genes; budget `{setup['budget']}` "
-        f"(preset `{setup['budget_preset']}`); seed {setup['seed']}.",
+        f"Samples {', '.join(setup['samples'])}; `{setup['preset']}` tiles; {_protocol(setup)}; "
+        f"{len(setup['genes'])} genes; budget `{setup['budget']}` (preset `{setup['budget_preset']}`); "
+        f"seed {setup['seed']}.",
         "Metrics pooled over the test tiles of all folds; brackets: bootstrap 95 % interval over test tiles. "
         "PCC is the signed Pearson r per tile and gene; RMSE / MAE in counts per HR bin; gap closed = "
         "(PCC − bicubic) / (ceiling − bicubic); region PCC / RMSE: on each fold's held-out region stitched from "

@@ -33,6 +33,7 @@ from diffst.benchmark.methods import BUDGETS, METHODS, TRAINED, predict_method
 from diffst.benchmark.store import read_json, write_json
 from diffst.core.sample import Sample
 from diffst.errors import InputError
+from diffst.evaluation.report import scoring_mask
 
 log = logging.getLogger("diffst.benchmark")
 #: Training tissue (in tile areas) a fold must keep beside its validation region for the region to be used.
@@ -42,30 +43,44 @@ N_EXAMPLE_GENES = 3
 
 
 def _cell_metrics(pred: np.ndarray, truth: np.ndarray, normaliser, origins_um: np.ndarray,
-                  bin_um: float) -> dict[str, Any]:
+                  bin_um: float, mask: np.ndarray | None = None) -> dict[str, Any]:
     """Metrics of one cell (per tile and on the stitched region), plus what the summary pools and draws.
 
     Writes the keys ``metrics`` (:func:`~diffst.evaluation.metrics.evaluate_maps` and
-    :func:`~diffst.evaluation.metrics.region_metrics`), ``per_tile_pcc``, ``per_tile_mse``, ``per_gene_pcc``
-    and ``example`` (the stitched region of the first :data:`N_EXAMPLE_GENES` genes, prediction and truth,
-    for the report's example maps).
+    :func:`~diffst.evaluation.metrics.region_metrics`; with a ``mask``, :func:`~diffst.evaluation.report.scoring_mask`'s bins only:
+    :func:`~diffst.evaluation.report.evaluate_masked_maps`, plus ``scored_fraction``), ``per_tile_pcc``,
+    ``per_tile_mse``, ``per_gene_pcc`` and ``example`` (the stitched region of the first
+    :data:`N_EXAMPLE_GENES` genes, prediction and truth, for the report's example maps).
     """
     from diffst.evaluation.metrics import evaluate_maps, mosaic, pearson_per_map, region_metrics
+    from diffst.evaluation.report import evaluate_masked_maps, masked_pearson_per_map
 
     if not np.isfinite(pred).all():
         raise InputError("a method produced non-finite predictions; its cell is not written.")
     pred, truth = np.asarray(pred, dtype=np.float64), np.asarray(truth, dtype=np.float64)
-    r = pearson_per_map(pred, truth)  # (T, N)
+    if mask is None:
+        r = pearson_per_map(pred, truth)  # (T, N)
+        per_tile_mse = ((pred - truth) ** 2).reshape(len(pred), -1).mean(axis=1)
+        metrics = evaluate_maps(pred, truth, normaliser)
+    else:
+        r = masked_pearson_per_map(pred, truth, mask[:, None])
+        full = np.broadcast_to(mask[:, None], pred.shape)
+        with _quiet():
+            per_tile_mse = np.where(full, (pred - truth) ** 2, 0.0).reshape(len(pred), -1).sum(axis=1) \
+                / full.reshape(len(pred), -1).sum(axis=1)
+        metrics = {**evaluate_masked_maps(pred, truth, mask, normaliser), "scored_fraction": float(mask.mean())}
     with _quiet():
         per_tile = np.nanmean(r, axis=1)
         per_gene = np.nanmean(r, axis=0)
-    per_tile_mse = ((pred - truth) ** 2).reshape(len(pred), -1).mean(axis=1)
     shown = slice(0, N_EXAMPLE_GENES)
     example_pred, covered = mosaic(pred[:, shown], origins_um, bin_um)
     example_true, _ = mosaic(truth[:, shown], origins_um, bin_um)
+    if mask is not None:
+        scored, _ = mosaic(mask[:, None].astype(np.float64), origins_um, bin_um)
+        covered = covered & (scored[0] > 0.5)
     example = {"pred": np.where(covered, example_pred, np.nan).round(3),
                "truth": np.where(covered, example_true, np.nan)}
-    metrics = {**evaluate_maps(pred, truth, normaliser), **region_metrics(pred, truth, origins_um, bin_um)}
+    metrics.update(region_metrics(pred, truth, origins_um, bin_um, mask))
     return {"metrics": metrics, "per_tile_pcc": per_tile, "per_tile_mse": per_tile_mse, "per_gene_pcc": per_gene,
             "example": example}
 
@@ -81,12 +96,21 @@ def _save_prediction(path: Path, pred: np.ndarray, drawn: np.ndarray | None) -> 
         np.savez_compressed(fh, **arrays)
 
 
-def _coverage(drawn: np.ndarray, pred: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
-    """Coverage of held-out observed counts by the raw 50 % and 90 % intervals, overall and (90 %) per gene."""
+def _coverage(drawn: np.ndarray, pred: np.ndarray, truth: np.ndarray, mask: np.ndarray | None = None) -> dict[str, Any]:
+    """Coverage of held-out observed counts by the raw 50 % and 90 % intervals, overall and (90 %) per gene.
+
+    With a ``mask`` (:func:`~diffst.evaluation.report.scoring_mask`, (T, H, W)) only its bins count.
+    """
     from diffst.inference.intervals import coverage, interval_bounds
 
     b = interval_bounds(drawn, pred)
-    per_gene = [coverage(b["q05"][:, g], b["q95"][:, g], truth[:, g]) for g in range(truth.shape[1])]
+    if mask is not None:  # (T, N, H, W) -> (N, bins) of the scored bins, gene by gene
+        keep = np.asarray(mask, dtype=bool)
+        b = {k: np.moveaxis(v, 1, -1)[keep].T for k, v in b.items()}
+        truth = np.moveaxis(truth, 1, -1)[keep].T
+        per_gene = [coverage(b["q05"][g], b["q95"][g], truth[g]) for g in range(truth.shape[0])]
+    else:
+        per_gene = [coverage(b["q05"][:, g], b["q95"][:, g], truth[:, g]) for g in range(truth.shape[1])]
     return {"50": coverage(b["q25"], b["q75"], truth), "90": coverage(b["q05"], b["q95"], truth),
             "90_per_gene": per_gene, "n_bins": int(truth.size)}
 
@@ -158,18 +182,26 @@ def _quiet() -> Iterator[None]:
         yield
 
 
-def _prepare_fold(sample: Sample, fold: Fold, geometry, path: Path, genes: list[str], train_stride_um: float | None,
-                  min_tissue: float) -> dict[str, Any]:
+def _prepare_fold(samples: list[Sample], fold: Fold, geometry, path: Path, genes: list[str],
+                  train_stride_um: float | None, min_tissue: float, self_supervised: bool = False) -> dict[str, Any]:
     """Prepare (or reuse) one fold's dataset; returns its status (``ok`` or ``skipped`` with a reason).
 
     The fold's validation region is used when at least :data:`MIN_TRAIN_TILE_AREAS` tiles' worth of
     training tissue is left beside it and the test region; otherwise the fold has no validation split (the
     trained methods then train a fixed length). The status says which (``val_region``, ``validation``).
+    A sample split (``fold.test_samples``) prepares all ``samples`` and holds the test samples out whole.
     """
+    from diffst.data.prepare import SplitSpec
+
+    args = (samples, geometry, path, genes, min_tissue, self_supervised)
+    if fold.test_samples:
+        split = SplitSpec(test_samples=list(fold.test_samples), train_stride_um=train_stride_um)
+        return {**_prepare_split(split, *args), "val_region": None,
+                "validation": "none: a sample split (the test samples are held out whole)"}
     status = None
     if fold.val_region is not None:
-        status = _prepare_split(sample, fold.region, fold.val_region, geometry, path, genes, train_stride_um,
-                                min_tissue)
+        split = SplitSpec(test_region=fold.region, val_region=fold.val_region, train_stride_um=train_stride_um)
+        status = _prepare_split(split, *args)
         if status["status"] == "ok" and status.get("n_val_tiles") and status["train_tile_areas"] >= MIN_TRAIN_TILE_AREAS:
             return {**status, "val_region": list(fold.val_region),
                     "validation": f"{status['n_val_tiles']} tiles of the region farthest from the test region"}
@@ -178,24 +210,26 @@ def _prepare_fold(sample: Sample, fold: Fold, geometry, path: Path, genes: list[
                f"(at least {MIN_TRAIN_TILE_AREAS} needed)")
     else:
         why = "one fold only"
-    status = _prepare_split(sample, fold.region, None, geometry, path, genes, train_stride_um, min_tissue)
+    split = SplitSpec(test_region=fold.region, train_stride_um=train_stride_um)
+    status = _prepare_split(split, *args)
     return {**status, "val_region": None, "validation": f"none: {why}"}
 
 
-def _prepare_split(sample: Sample, test_region, val_region, geometry, path: Path, genes: list[str],
-                   train_stride_um: float | None, min_tissue: float) -> dict[str, Any]:
+def _prepare_split(split, samples: list[Sample], geometry, path: Path, genes: list[str], min_tissue: float,
+                   self_supervised: bool) -> dict[str, Any]:
     from diffst.data.dataset import PreparedTiles
-    from diffst.data.prepare import SplitSpec, is_prepared_dataset, load_meta, prepare_dataset
+    from diffst.data.prepare import is_prepared_dataset, load_meta, prepare_dataset
     from diffst.errors import GeometryError
 
-    split = SplitSpec(test_region=test_region, val_region=val_region, train_stride_um=train_stride_um)
     meta = load_meta(path) if is_prepared_dataset(path) else None
     fresh = meta is None or meta["genes"] != genes or meta["split"] != json.loads(split.model_dump_json()) \
-        or meta["geometry"] != geometry.to_dict() or meta["min_tissue_fraction"] != min_tissue
+        or meta["geometry"] != geometry.to_dict() or meta["min_tissue_fraction"] != min_tissue \
+        or bool(meta.get("self_supervised", False)) != self_supervised
     if fresh:
         try:
-            prepare_dataset([sample], path, geometry, genes=genes, split=split, min_tissue_fraction=min_tissue,
-                            overwrite=meta is not None, progress=False, preview=False)
+            prepare_dataset(samples, path, geometry, genes=genes, split=split, min_tissue_fraction=min_tissue,
+                            overwrite=meta is not None, progress=False, preview=False,
+                            self_supervised=self_supervised)
         except (InputError, GeometryError) as exc:
             return {"status": "skipped", "reason": str(exc)}
         meta = load_meta(path)
@@ -237,6 +271,9 @@ def run_benchmark(
     seed: int = 0,
     device: str = "cpu",
     progress: bool = True,
+    self_supervised: bool = False,
+    test_samples: Sequence[str] | None = None,
+    tile_lr: int | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the benchmark and write its cells, ``benchmark.json``, ``benchmark.md`` and figures.
 
@@ -265,14 +302,25 @@ def run_benchmark(
         Seed of training, prediction and the ceiling; torch device of the trained methods.
     progress
         Show a progress bar over cells.
+    self_supervised
+        Spot-only slides (Visium, legacy ST): HR = the spots, LR = the sum of each s x s block of spots
+        (:func:`~diffst.core.geometry.spot_pitch_geometry`); scored on measured spots of measured blocks
+        (:func:`~diffst.evaluation.report.scoring_mask`).
+    test_samples
+        A sample split instead of region folds: train on the other samples, test on these whole (one fold;
+        e.g. HER2ST C2 -> C3). The genes are then counted on the training samples only.
+    tile_lr
+        Self-supervised mode: LR blocks per tile side (default: tiles of about 16 x 16 spots); smaller tiles
+        leave room for region folds inside one small section.
 
     Returns
     -------
     dict
         The content of ``benchmark.json``: ``setup``, ``folds``, ``cells`` and ``summary``.
     """
+    from diffst.benchmark.folds import sample_fold
     from diffst.benchmark.report import summarise, write_report
-    from diffst.core.geometry import tile_preset
+    from diffst.core.geometry import spot_pitch_geometry, tile_preset
     from diffst.data.dataset import PreparedTiles
     from diffst.data.prepare import select_genes
 
@@ -283,38 +331,52 @@ def run_benchmark(
         raise InputError(f"Unknown method(s) {unknown}; choose from {', '.join(METHODS)}.")
     methods = list(dict.fromkeys(["bicubic", *methods]))
     out = Path(out)
-    gene_list = select_genes(samples, n_genes, genes)
+    test_samples = list(dict.fromkeys(test_samples or []))
+    split_fold = sample_fold(samples, test_samples) if test_samples else None
+    exclude = {s.name: [] for s in samples if s.name not in test_samples} if test_samples else None
+    gene_list = select_genes(samples, n_genes, genes, exclude)
     by_name = {s.name: s for s in samples}
     has_points = all(s.has_points for s in samples)
     all_cells, fold_rows = [], []
-    geometries = {scale: tile_preset(preset, scale) for scale in scales}
+    if self_supervised:
+        geometries = {scale: spot_pitch_geometry(samples, scale, tile_lr, preset=preset) for scale in scales}
+    else:
+        geometries = {scale: tile_preset(preset, scale) for scale in scales}
     if train_stride_um is None:  # overlapping training tiles: more distinct crops of the little training tissue
-        train_stride_um = min(g.tile_um for g in geometries.values()) / 10
-    plan = [(scale, fold) for scale in scales for fold in make_folds(samples, geometries[scale], k, layout)]
+        # (a tenth of a tile, on the HR grid so that overlapping tiles share bins)
+        train_stride_um = min(max(1, round(g.tile_hr / 10)) * g.hr_bin_um for g in geometries.values())
+    plan = [(scale, fold) for scale in scales
+            for fold in ([split_fold] if split_fold else make_folds(samples, geometries[scale], k, layout))]
     bar = tqdm(total=len(plan) * len(methods), desc="Benchmark cells", unit="cell", disable=not progress)
     for scale, fold in plan:
         geom = geometries[scale]
-        setup = {"preset": preset, "scale": scale, "k": k, "layout": layout, "region": list(fold.region),
-                 "cell": list(fold.cell), "genes": gene_list, "budget": budget, "seed": seed, "train_stride_um": train_stride_um,
+        setup = {"preset": preset, "scale": scale, "k": k, "layout": layout,
+                 "region": list(fold.region) if fold.region else None, "cell": list(fold.cell) if fold.cell else None,
+                 "genes": gene_list, "budget": budget, "seed": seed, "train_stride_um": train_stride_um,
                  "min_tissue": min_tissue}
+        if self_supervised or fold.test_samples:  # keys only these protocols have: older cells stay valid
+            setup.update(self_supervised=self_supervised, test_samples=list(fold.test_samples), tile_lr=tile_lr)
         cell_dir = out / "cells" / f"s{scale}" / fold.name
         data_path = out / "prepared" / f"s{scale}" / fold.name
         fold_file = cell_dir / "_fold.json"
         status = read_json(fold_file)
         cached = _cached_cells(cell_dir, methods, _cell_setup(setup, status))
         if not (status and status.get("setup") == setup and (status["status"] == "skipped" or len(cached) == len(methods))):
-            status = {**_prepare_fold(by_name[fold.sample], fold, geom, data_path, gene_list, train_stride_um,
-                                      min_tissue), "setup": setup}
+            fold_samples = list(samples) if fold.test_samples else [by_name[fold.sample]]
+            status = {**_prepare_fold(fold_samples, fold, geom, data_path, gene_list, train_stride_um,
+                                      min_tissue, self_supervised), "setup": setup}
             write_json(fold_file, status)
             cached = _cached_cells(cell_dir, methods, _cell_setup(setup, status))
         fold_rows.append({"scale": scale, "fold": fold.name, "sample": fold.sample, "index": fold.index,
-                          "cell": list(fold.cell), "region": list(fold.region), **{k_: v for k_, v in status.items() if k_ != "setup"}})
+                          "cell": setup["cell"], "region": setup["region"], "test_samples": list(fold.test_samples),
+                          **{k_: v for k_, v in status.items() if k_ != "setup"}})
         if status["status"] == "skipped":
             log.warning("fold %s at s=%d skipped: %s", fold.name, scale, status["reason"])
             bar.update(len(methods))
             continue
         test = None
-        if has_points:
+        ceiling_sample = fold.test_samples[0] if len(fold.test_samples) == 1 else fold.sample
+        if has_points and ceiling_sample in by_name:
             ceiling_file = cell_dir / "_ceiling.json"
             ceiling = read_json(ceiling_file)
             if not (ceiling and ceiling.get("setup") == setup):
@@ -323,7 +385,7 @@ def run_benchmark(
                 test = PreparedTiles(data_path, "test")
                 origins = list(zip(test.tiles["x0_um"], test.tiles["y0_um"], strict=True))
                 with _quiet():
-                    per_gene = split_half_ceiling(by_name[fold.sample], gene_list, origins, geom.hr_bin_um,
+                    per_gene = split_half_ceiling(by_name[ceiling_sample], gene_list, origins, geom.hr_bin_um,
                                                   geom.tile_hr, seed=seed)
                 ceiling = {"setup": setup, "per_gene": per_gene, "n_test_tiles": len(origins)}
                 write_json(ceiling_file, ceiling)
@@ -339,11 +401,13 @@ def run_benchmark(
                 pred, drawn = predict_method(method, data_path, run_dir=run_dir if method in TRAINED else None,
                                              budget=budget, seed=seed, device=device, samples=True)
                 truth = np.asarray(test.hr_counts)
+                mask = scoring_mask(test)
                 cell = {"setup": _cell_setup(setup, status), "scale": scale, "fold": fold.name, "sample": fold.sample, "method": method,
                         "n_test_tiles": len(truth), "tile_ids": list(test.tiles["tile_id"]), "genes": gene_list,
                         **_cell_metrics(pred, truth, test.normaliser,
-                                        np.stack([test.tiles["x0_um"], test.tiles["y0_um"]], axis=1), geom.hr_bin_um),
-                        **({} if drawn is None else {"coverage": _coverage(drawn, pred, truth)}),
+                                        np.stack([test.tiles["x0_um"], test.tiles["y0_um"]], axis=1), geom.hr_bin_um,
+                                        mask),
+                        **({} if drawn is None else {"coverage": _coverage(drawn, pred, truth, mask)}),
                         "seconds": round(time.perf_counter() - start, 2)}
                 _save_prediction(cell_dir / f"{method}.npz", pred, drawn)  # metrics can be recomputed without a rerun
                 write_json(cell_dir / f"{method}.json", cell)
@@ -357,7 +421,8 @@ def run_benchmark(
     result = {"setup": {"preset": preset, "scales": list(scales), "k": k, "layout": layout, "methods": methods,
                         "budget": budget, "budget_preset": BUDGETS[budget], "seed": seed, "genes": gene_list,
                         "samples": [s.name for s in samples], "train_stride_um": train_stride_um,
-                        "min_tissue": min_tissue},
+                        "min_tissue": min_tissue, "self_supervised": self_supervised, "test_samples": test_samples,
+                        "tile_lr": tile_lr},
               "folds": fold_rows, "cells": [{k_: v for k_, v in c.items() if k_ != "setup"} for c in all_cells]}
     result["summary"] = summarise(result, seed=seed)
     result["calibration"] = calibrate_folds(out, result["cells"])

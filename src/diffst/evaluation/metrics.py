@@ -136,8 +136,10 @@ def mosaic(maps: np.ndarray, origins_um: np.ndarray, bin_um: float) -> tuple[np.
 
 
 def region_metrics(pred_counts: np.ndarray, true_counts: np.ndarray, origins_um: np.ndarray,
-                   bin_um: float) -> dict[str, float]:
+                   bin_um: float, mask: np.ndarray | None = None) -> dict[str, float]:
     """Metrics on the stitched region of one sample's tiles (each HR bin counted once, overlaps averaged).
+
+    ``mask`` (T, H, W), when given, keeps the region's bins that every tile covering them marks True.
 
     Returns
     -------
@@ -147,6 +149,9 @@ def region_metrics(pred_counts: np.ndarray, true_counts: np.ndarray, origins_um:
     """
     pred, covered = mosaic(pred_counts, origins_um, bin_um)
     true, _ = mosaic(true_counts, origins_um, bin_um)
+    if mask is not None:
+        kept, _ = mosaic(np.asarray(mask, dtype=np.float64)[:, None], origins_um, bin_um)
+        covered = covered & (kept[0] > 1 - 1e-9)
     p, t = pred[:, covered], true[:, covered]
     r = pearson_per_map(p[:, None, :], t[:, None, :])  # (N,): one "map" of all covered bins per gene
     with np.errstate(invalid="ignore"):

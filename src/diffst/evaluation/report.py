@@ -16,7 +16,7 @@ import numpy as np
 from diffst.baselines import interpolate_lr
 from diffst.evaluation.metrics import evaluate_maps, per_gene_pcc, ssim_per_map
 
-__all__ = ["evaluate_split", "evaluate_masked_maps", "masked_pearson_per_map"]
+__all__ = ["evaluate_split", "evaluate_masked_maps", "masked_pearson_per_map", "scoring_mask"]
 
 
 def evaluate_split(dataset, predictions: dict[str, np.ndarray]) -> dict[str, dict]:
@@ -144,3 +144,18 @@ def _quiet_nanmean() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Mean of empty slice", category=RuntimeWarning)
         yield
+
+
+def scoring_mask(dataset) -> np.ndarray | None:
+    """Return the HR bins a split is scored on, (T, H, W) bool, or None when every bin counts.
+
+    A bin counts when it was measured (``hr_mask``; spot-only slides in the self-supervised mode have bins
+    without a spot) and its LR spot was measured (``lr_mask``): a bin under an unmeasured LR spot has nothing
+    to super-resolve (its input is empty), so no method is scored on a guess there. Point data (Xenium
+    pseudo-spots) measure every bin and spot.
+    """
+    scale = dataset.geometry.scale
+    lr = np.asarray(dataset.lr_mask, dtype=bool).repeat(scale, axis=-2).repeat(scale, axis=-1)
+    hr = getattr(dataset, "hr_mask", None)
+    mask = lr if hr is None else lr & np.asarray(hr, dtype=bool)
+    return None if mask.all() else mask
