@@ -52,8 +52,11 @@ def _example_points(transformations: dict):
         "qv": tx["qv"].to_numpy(), "overlaps_nucleus": tx["overlaps_nucleus"].to_numpy(),
         "transcript_id": np.arange(len(tx), dtype=np.int64), "cell_id": np.zeros(len(tx), np.int64),
     })
-    return models.PointsModel.parse(frame, feature_key="feature_name", instance_key="cell_id",
-                                    transformations=transformations), tx
+    import dask.dataframe as dd
+
+    # Several partitions, as a slide's transcripts are stored: they are read one at a time.
+    return models.PointsModel.parse(dd.from_pandas(frame, npartitions=3), feature_key="feature_name",
+                                    instance_key="cell_id", transformations=transformations), tx
 
 
 def _xenium_frames(frame: str):
@@ -120,6 +123,10 @@ def test_xenium_store_equals_read_xenium(xenium_store, example):
     assert s.meta["points_element"] == "transcripts" and s.meta["image_element"] == "morphology_focus"
     # Only the needed columns are read (the store also holds transcript_id and cell_id).
     assert s.meta["points_columns"] == ["x", "y", "feature_name", "qv", "overlaps_nucleus"]
+    assert list(s.transcripts.columns) == ["gene", "x_um", "y_um", "overlaps_nucleus"]  # qv only filters
+    assert s.transcripts["x_um"].dtype == np.float32 and s.transcripts["gene"].dtype == np.int16
+    np.testing.assert_array_equal(s.transcripts["overlaps_nucleus"].to_numpy(),
+                                  example.transcripts["overlaps_nucleus"].to_numpy())
     assert s.genes == example.genes
     assert len(s.transcripts) == len(example.transcripts)
     np.testing.assert_array_equal(s.transcripts["gene"].to_numpy(), example.transcripts["gene"].to_numpy())
@@ -143,7 +150,7 @@ def test_xenium_store_options(xenium_store, example):
     s = read_spatialdata(xenium_store, image=xenium_store / "images" / "morphology_mip", min_qv=30,
                          coordinate_system="global")
     assert s.meta["image_element"] == "morphology_mip" and len(s.image._levels) == 1
-    assert len(s.transcripts) == int((example.transcripts["qv"] >= 30).sum())
+    assert len(s.transcripts) == int((pd.read_parquet(EXAMPLE_DIR / "transcripts.parquet")["qv"] >= 30).sum())
     # The cell table instead of the transcripts: spots at the 12.75 µm bin centres, in the same micron frame.
     cells = read_spatialdata(xenium_store / "tables" / "table", spot_diameter_um=10 * EXAMPLE_PX)  # radius 5 px
     assert not cells.has_points and cells.spots.counts.sum() == len(example.transcripts)
