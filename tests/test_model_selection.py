@@ -97,13 +97,13 @@ def test_benchmark_folds_validate_on_the_farthest_cell_when_tissue_allows(tmp_pa
     fold = make_folds([sample], SMALL_TILES, 4, "grid")[0]
     far = make_folds([sample], SMALL_TILES, 4, "grid")[3]
     assert fold.val_region == far.region  # 2 x 2 grid: the diagonal cell
-    status = _prepare_fold(sample, fold, SMALL_TILES, tmp_path / "small", genes, 20.0, 0.5)
+    status = _prepare_fold([sample], fold, SMALL_TILES, tmp_path / "small", genes, 20.0, 0.5)
     assert status["status"] == "ok" and status["val_region"] == list(far.region)
     assert status["n_val_tiles"] > 0 and status["train_tile_areas"] >= MIN_TRAIN_TILE_AREAS
     assert load_meta(tmp_path / "small")["n_tiles"]["val"] == status["n_val_tiles"]
     # 200 µm tiles: too little tissue is left beside two held-out cells, so the fold trains without validation.
     cpu = tile_preset("cpu", 10)
     fold = make_folds([sample], cpu, 4, "grid")[0]
-    status = _prepare_fold(sample, fold, cpu, tmp_path / "cpu", genes, 20.0, 0.5)
+    status = _prepare_fold([sample], fold, cpu, tmp_path / "cpu", genes, 20.0, 0.5)
     assert status["status"] == "ok" and status["val_region"] is None and status["validation"].startswith("none")
     assert not load_meta(tmp_path / "cpu")["n_tiles"].get("val")
