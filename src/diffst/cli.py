@@ -251,16 +251,27 @@ def predict(
     Samples with the run's own ``sampler:`` settings; --sampler, --steps and --samples override them. The
     output's ``uns['diffst']`` records the checkpoint, sampler, seed, K, versions and the input files with
     their sha256.
+
+    Each finished tile is kept in a hidden folder beside the output (``.NAME.partial/``) as soon as its batch
+    is done; if the command is stopped (Ctrl-C, kill -9, a crash), running it again with the same options
+    reuses those tiles and gives the same output as an uninterrupted run. The folder is removed once the
+    output is written. Memory does not grow with the number of tiles or K: tiles are predicted batch by
+    batch and stitched band by band into the .h5ad as it is written.
     """
     from diffst.atomic import check_replaceable
+    from diffst.inference.output import StoreTiles, build_anndata, write_h5ad_stream
     from diffst.inference.predict import (
+        check_sample_memory,
+        interval_layer_names,
         is_diffst_prediction,
-        predict_checkpoint,
+        num_samples_of,
+        open_prediction,
+        predict_to_store,
+        prediction_extras,
         resolve_device,
-        to_anndata,
-        write_h5ad,
     )
     from diffst.inference.provenance import prediction_provenance
+    from diffst.inference.store import TileStore, store_path
     from diffst.inference.whole_slide import raw_input_record, whole_slide_tiles
     from diffst.io.spatialdata_out import is_diffst_spatialdata, require_spatial, write_prediction_spatialdata
     from diffst.runs import load_run
@@ -304,32 +315,64 @@ def predict(
                                                              stride_um=stride, min_tissue_fraction=min_tissue))
                 split, blend = "test", "window"
                 input_record = raw_input_record(samples, [input_], {k: v for k, v in options.items() if v})
-            dataset, preds, extras = predict_checkpoint(checkpoint, data, split=split, sampler=overrides,
-                                                        batch_size=batch_size, seed=seed, device=device, run=run)
-            provenance = prediction_provenance(extras, data, split, dataset.meta, preds.samples_model.shape[0],
-                                               input_record=input_record)
-            adata = to_anndata(dataset, preds, extra_uns=provenance, blend=blend)
+                del samples  # the tiles hold what prediction needs
+            run, dataset, used, dev = open_prediction(checkpoint, data, split=split, sampler=overrides, device=device,
+                                                      run=run)
+            k = num_samples_of(run, used)
+            check_sample_memory(min(batch_size, len(dataset)), len(dataset.genes), dataset.geometry.tile_hr, k)
+            extras = prediction_extras(run, used, seed)
+            store = _open_tile_store(TileStore, store_path(out), run, dataset, extras, k, batch_size, dev)
+            stack.callback(store.close)  # kept on failure: a rerun resumes from the finished tiles
+            try:
+                summary = predict_to_store(run, dataset, used, store, batch_size=batch_size, seed=seed, device=dev)
+            except KeyboardInterrupt:
+                typer.echo(f"{len(store.finished())} finished tiles are kept in {store.path}; run the same command "
+                           "again to resume from them.", err=True)
+                raise
+            if summary["reused"]:
+                typer.echo(f"Resumed: {summary['reused']} of {summary['n_tiles']} tiles were already predicted "
+                           f"({store.path}); predicted {summary['predicted']}.")
+            provenance = prediction_provenance(extras, data, split, dataset.meta, k, input_record=input_record)
+            source = StoreTiles(store, k, interval_layer_names() if "intervals" in extras else [])
             if spatialdata:
-                write_prediction_spatialdata(dataset, preds, out, adata=adata)
-                typer.echo(f"Wrote {out}: SpatialData store, {adata.n_obs} HR bins x {adata.n_vars} genes")
+                adata = build_anndata(dataset, source, extra_uns=provenance, blend=blend)
+                write_prediction_spatialdata(dataset, None, out, adata=adata)
+                written = {"n_obs": adata.n_obs, "n_vars": adata.n_vars, "seams": adata.uns["diffst"].get("seams", {})}
+                del adata
+                typer.echo(f"Wrote {out}: SpatialData store, {written['n_obs']} HR bins x {written['n_vars']} genes")
             else:
-                write_h5ad(adata, out)
-                typer.echo(f"Wrote {out}: {adata.n_obs} HR bins x {adata.n_vars} genes")
-            for name, seam in adata.uns["diffst"].get("seams", {}).items():
+                written = write_h5ad_stream(dataset, source, out, extra_uns=provenance, blend=blend)
+                typer.echo(f"Wrote {out}: {written['n_obs']} HR bins x {written['n_vars']} genes")
+            for name, seam in written["seams"].items():
                 typer.echo(f"  {name}: {len(dataset)} tiles blended; mean |difference| of neighbouring bins across tile "
                            f"edges {seam['seam_mean_abs_diff']:.3f} vs inside tiles {seam['inside_mean_abs_diff']:.3f} "
                            f"(ratio {seam['ratio']:.2f})")
-        if evaluate and dataset.has_hr:
-            from diffst.atomic import atomic_output
-            from diffst.evaluation.report import evaluate_split
+            if evaluate and dataset.has_hr:
+                from diffst.atomic import atomic_output
+                from diffst.evaluation.report import evaluate_split
 
-            report = evaluate_split(dataset, {"diffst": preds.mean})
-            with atomic_output(metrics_path, directory=False) as tmp:
-                tmp.write_text(json.dumps(report, indent=2))
-            for name, m in report.items():
-                typer.echo(f"  {name:8s} PCC {m['pcc']:.3f}  RMSE(counts) {m['rmse_counts']:.3f}  "
-                           f"paper-protocol RMSE {m['paper_rmse']:.3f} |PCC| {m['paper_abs_pcc']:.3f}")
-            typer.echo(f"Metrics: {metrics_path}")
+                report = evaluate_split(dataset, {"diffst": source.means(len(dataset))})
+                with atomic_output(metrics_path, directory=False) as tmp:
+                    tmp.write_text(json.dumps(report, indent=2))
+                for name, m in report.items():
+                    typer.echo(f"  {name:8s} PCC {m['pcc']:.3f}  RMSE(counts) {m['rmse_counts']:.3f}  "
+                               f"paper-protocol RMSE {m['paper_rmse']:.3f} |PCC| {m['paper_abs_pcc']:.3f}")
+                typer.echo(f"Metrics: {metrics_path}")
+            store.remove()  # the output is complete: the finished tiles are no longer needed
+
+
+def _open_tile_store(store_class, path: Path, run, dataset, extras: dict, k: int, batch_size: int, device):
+    """Open the per-tile store of ``diffst predict`` under the identity of everything its tiles depend on."""
+    import torch
+
+    import diffst
+    from diffst.inference.store import dataset_identity, run_identity
+
+    identity = {"run": run_identity(run), "sampler": extras["sampler"], "seed": extras["seed"], "num_samples": k,
+                "batch_size": batch_size, "device": str(getattr(device, "type", device)),
+                "diffst_version": diffst.__version__, "torch_version": str(torch.__version__),
+                "input": dataset_identity(dataset)}
+    return store_class.open(path, identity)
 
 
 def _is_metrics_file(path: Path) -> bool:

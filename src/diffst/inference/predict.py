@@ -5,8 +5,9 @@ Samples are brought back to counts, tiles stitched into one grid per sample, one
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ from diffst.inference.intervals import LEVELS, interval_bounds
 from diffst.models.base import Conditions, bind_conditions
 from diffst.runs import Run, load_run, regression_output
 
+log = logging.getLogger("diffst.inference")
+
 
 @dataclass
 class TilePredictions:
@@ -34,7 +37,8 @@ class TilePredictions:
 
     mean: (T, N, H, W) the point estimate (``SamplerConfig.point_estimate``: a two-stage run's regression
     stage, the x0-probe estimate of the posterior mean, or the mean over the K samples); std: (T, N, H, W) the samples'
-    standard deviation (zeros when K = 1); samples_model: (K, T, N, H, W) sampled HR maps in model space;
+    standard deviation (zeros when K = 1); samples_model: (K, T, N, H, W) sampled HR maps in model space, or
+    None when they were not kept (``keep_samples=False``; ``k`` then says how many were drawn);
     bounds: for sampling runs, the central 50 % and 90 % intervals of each bin's observed count (``q25``,
     ``q75``, ``q05``, ``q95``, each (T, N, H, W): :func:`diffst.inference.intervals.interval_bounds` of the
     samples around the point estimate, ``sampler.interval_spread`` applied); empty for regressions.
@@ -42,8 +46,39 @@ class TilePredictions:
 
     mean: np.ndarray
     std: np.ndarray
+    samples_model: np.ndarray | None = None
+    bounds: dict[str, np.ndarray] = field(default_factory=dict)
+    k: int | None = None
+
+    @property
+    def num_samples(self) -> int:
+        """K, the samples drawn per tile (1 for a regression run)."""
+        if self.samples_model is not None:
+            return int(self.samples_model.shape[0])
+        return int(self.k or 1)
+
+    def tile_layers(self, i: int) -> dict[str, np.ndarray]:
+        """Return the layers of tile ``i`` (``mean``, ``std`` and the interval bounds), each (N, H, W)."""
+        return {"mean": self.mean[i], "std": self.std[i], **{k: v[i] for k, v in self.bounds.items()}}
+
+
+@dataclass
+class BatchPredictions:
+    """The predictions of one batch of consecutive tiles (:func:`iter_batches`), in counts per HR bin.
+
+    ``indices`` are the tiles' positions in the split; ``mean``, ``std`` and each ``bounds`` entry are
+    (B, N, H, W); ``samples_model`` is (K, B, N, H, W) in model space.
+    """
+
+    indices: list[int]
+    mean: np.ndarray
+    std: np.ndarray
     samples_model: np.ndarray
     bounds: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def tile_layers(self, j: int) -> dict[str, np.ndarray]:
+        """Return the layers of the batch's ``j``-th tile (``mean``, ``std``, interval bounds), each (N, H, W)."""
+        return {"mean": self.mean[j], "std": self.std[j], **{k: v[j] for k, v in self.bounds.items()}}
 
 
 def point_estimate_kind(run: Run, sampler: SamplerConfig) -> str:
@@ -67,8 +102,13 @@ def point_estimate_kind(run: Run, sampler: SamplerConfig) -> str:
     return sampler.point_estimate
 
 
+def num_samples_of(run: Run, sampler: SamplerConfig) -> int:
+    """K, the samples a prediction of ``run`` draws per tile: 1 for a regression run, else ``sampler.num_samples``."""
+    return 1 if run.config.train.objective == "regression" else sampler.num_samples
+
+
 @torch.no_grad()
-def predict_tiles(
+def iter_batches(
     run: Run,
     dataset: PreparedTiles,
     sampler: SamplerConfig,
@@ -76,29 +116,19 @@ def predict_tiles(
     batch_size: int = 4,
     seed: int = 0,
     device: str | torch.device = "cpu",
-    progress: bool = True,
-) -> TilePredictions:
-    """Draw ``sampler.num_samples`` HR samples for every tile of ``dataset``.
+    skip: Callable[[int, list[int]], bool] | None = None,
+) -> Iterator[BatchPredictions]:
+    """Predict the tiles of ``dataset`` batch by batch; memory is that of one batch (K x batch_size maps).
 
-    Tiles are processed in batches; the noise of batch b comes from a generator seeded with
-    (seed, b), so results do not depend on what else runs and are reproducible from the seed. A run
-    trained with the regression objective gives one deterministic prediction per tile (K = 1).
+    Batch b holds tiles ``b * batch_size`` to ``(b + 1) * batch_size - 1``, and its noise comes from a
+    generator seeded with (seed, b), so a batch's result depends on nothing else: not on what else runs
+    nor on which batches were skipped (``skip(b, indices)`` True: e.g. its tiles are already done).
 
-    Parameters
-    ----------
-    run
-        The trained run (:func:`diffst.runs.load_run`): model, diffusion settings, entropy threshold.
-    dataset
-        The tiles, read through the run's normaliser.
-    sampler
-        Method, steps, K, eta and clipping (see :func:`diffst.diffusion.samplers.sample_with_config`).
-    batch_size, seed, device, progress
-        Tiles per batch (its K samples run together: K x batch_size maps per network call), noise seed, where
-        to run, progress bar.
-
-    Returns
-    -------
-    TilePredictions
+    Yields
+    ------
+    BatchPredictions
+        Point estimate, std and interval bounds in counts (spot-consistent when ``sampler.spot_consistent``)
+        and the K samples in model space.
     """
     if batch_size < 1:
         raise InputError(f"batch_size={batch_size}: give at least one tile per batch (--batch-size 1 or more).")
@@ -108,14 +138,13 @@ def predict_tiles(
     diffusion = GaussianDiffusion(cfg.diffusion)
     n, geom = len(dataset), dataset.geometry
     shape_hr = (len(dataset.genes), geom.tile_hr, geom.tile_hr)
-    k = 1 if regression else sampler.num_samples
+    k = num_samples_of(run, sampler)
     estimate = point_estimate_kind(run, sampler)
-    samples = np.empty((k, n, *shape_hr), dtype=np.float32)
-    # The answer (X) is a posterior-mean estimate unless the samples' mean is asked for.
-    point = None if estimate == "sample_mean" else np.empty((n, *shape_hr), np.float32)
-    desc = "Predicting (regression)" if regression else f"Sampling ({sampler.method}, {sampler.steps or 'all'} steps, K={k})"
-    for b, start in enumerate(tqdm(range(0, n, batch_size), desc=desc, unit="batch", disable=not progress)):
+    norm = dataset.normaliser
+    for b, start in enumerate(range(0, n, batch_size)):
         idx = list(range(start, min(start + batch_size, n)))
+        if skip is not None and skip(b, idx):
+            continue
         batch = torch.utils.data.default_collate([dataset[i] for i in idx])
         cond = Conditions.from_batch(batch, run.entropy_threshold).to(device)
         # A two-stage run's samples are residuals over its frozen regression run's prediction.
@@ -142,19 +171,153 @@ def predict_tiles(
                 x0 = x0_probe(model_fn, (len(idx), *shape_hr), diffusion, sampler.probe_draws, generator,
                               device=device, clip=sampler.clip)
                 x0_point = decode_target(x0, cond.lr, cfg.diffusion.target, base)
-        samples[:, start : start + len(idx)] = hr.float().cpu().numpy()
-        if point is not None:
-            point[start : start + len(idx)] = x0_point.float().cpu().numpy()
-    counts = dataset.normaliser.to_counts(samples)
-    mean = counts.mean(axis=0) if point is None else dataset.normaliser.to_counts(point)
-    if sampler.spot_consistent:
-        lr, mask = np.asarray(dataset.lr_counts, np.float32), np.asarray(dataset.lr_mask, bool)
-        counts = project_to_spots(counts, lr, geom.scale, mask)
-        samples = dataset.normaliser.to_model(counts).astype(np.float32)
-        mean = project_to_spots(mean, lr, geom.scale, mask) if point is not None else counts.mean(axis=0)
-    std = counts.std(axis=0, ddof=1) if k > 1 else np.zeros_like(mean)
-    bounds = {} if regression else interval_bounds(counts, mean, sampler.interval_spread)
-    return TilePredictions(mean=mean, std=std, samples_model=samples, bounds=bounds)
+        samples = hr.float().cpu().numpy()
+        # The answer (X) is a posterior-mean estimate unless the samples' mean is asked for.
+        point = None if estimate == "sample_mean" else x0_point.float().cpu().numpy()
+        del hr, x0_point
+        counts = norm.to_counts(samples)
+        mean = counts.mean(axis=0) if point is None else norm.to_counts(point)
+        if sampler.spot_consistent:
+            lr = np.asarray(dataset.lr_counts[start : idx[-1] + 1], np.float32)
+            mask = np.asarray(dataset.lr_mask[start : idx[-1] + 1], bool)
+            counts = project_to_spots(counts, lr, geom.scale, mask)
+            samples = norm.to_model(counts).astype(np.float32)
+            mean = project_to_spots(mean, lr, geom.scale, mask) if point is not None else counts.mean(axis=0)
+        std = counts.std(axis=0, ddof=1) if k > 1 else np.zeros_like(mean)
+        bounds = {} if regression else interval_bounds(counts, mean, sampler.interval_spread)
+        yield BatchPredictions(indices=idx, mean=mean, std=std, samples_model=samples, bounds=bounds)
+
+
+def _sampling_description(run: Run, sampler: SamplerConfig) -> str:
+    if run.config.train.objective == "regression":
+        return "Predicting (regression)"
+    return f"Sampling ({sampler.method}, {sampler.steps or 'all'} steps, K={num_samples_of(run, sampler)})"
+
+
+@torch.no_grad()
+def predict_tiles(
+    run: Run,
+    dataset: PreparedTiles,
+    sampler: SamplerConfig,
+    *,
+    batch_size: int = 4,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    keep_samples: bool = True,
+) -> TilePredictions:
+    """Draw ``sampler.num_samples`` HR samples for every tile of ``dataset``, all results in memory.
+
+    Tiles are processed in batches (:func:`iter_batches`); the noise of batch b comes from a generator
+    seeded with (seed, b), so results do not depend on what else runs and are reproducible from the seed.
+    A run trained with the regression objective gives one deterministic prediction per tile (K = 1). The
+    per-tile layers (T x N x H x W each) are held for all tiles; for a whole slide, stream them to disk
+    instead (:func:`predict_to_store`).
+
+    Parameters
+    ----------
+    run
+        The trained run (:func:`diffst.runs.load_run`): model, diffusion settings, entropy threshold.
+    dataset
+        The tiles, read through the run's normaliser.
+    sampler
+        Method, steps, K, eta and clipping (see :func:`diffst.diffusion.samplers.sample_with_config`).
+    batch_size, seed, device, progress
+        Tiles per batch (its K samples run together: K x batch_size maps per network call), noise seed, where
+        to run, progress bar (tiles/s and ETA).
+    keep_samples
+        Keep the K samples of every tile (``samples_model``, K x T x N x H x W, gathered batch by batch);
+        False keeps only the per-tile layers.
+
+    Returns
+    -------
+    TilePredictions
+    """
+    n, geom = len(dataset), dataset.geometry
+    shape = (n, len(dataset.genes), geom.tile_hr, geom.tile_hr)
+    mean, std = np.empty(shape, np.float32), np.empty(shape, np.float32)
+    bounds: dict[str, np.ndarray] = {}
+    samples: list[np.ndarray] = []
+    with tqdm(total=n, desc=_sampling_description(run, sampler), unit="tile", disable=not progress) as bar:
+        for part in iter_batches(run, dataset, sampler, batch_size=batch_size, seed=seed, device=device):
+            sl = slice(part.indices[0], part.indices[-1] + 1)
+            mean[sl], std[sl] = part.mean, part.std
+            for key, value in part.bounds.items():
+                bounds.setdefault(key, np.empty(shape, np.float32))[sl] = value
+            if keep_samples:
+                samples.append(part.samples_model)
+            bar.update(len(part.indices))
+    k = num_samples_of(run, sampler)
+    kept = np.concatenate(samples, axis=1) if keep_samples and samples else None
+    if kept is None and keep_samples:
+        kept = np.empty((k, 0, *shape[1:]), np.float32)
+    return TilePredictions(mean=mean, std=std, samples_model=kept, bounds=bounds, k=k)
+
+
+def predict_to_store(
+    run: Run,
+    dataset: PreparedTiles,
+    sampler: SamplerConfig,
+    store,
+    *,
+    batch_size: int = 4,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    source: str | Path | None = None,
+    on_batch: Callable[[BatchPredictions], None] | None = None,
+) -> dict[str, int]:
+    """Predict every tile not yet in ``store`` and write each tile's layers there as soon as its batch is done.
+
+    Memory is that of one batch, whatever the number of tiles: neither the K samples nor the per-tile
+    layers of other batches are held. A batch whose tiles are all in the store (from an interrupted run
+    with the same setup: :class:`diffst.inference.store.TileStore`) is skipped; the others are sampled with
+    the same per-batch seeds as an uninterrupted run would use, so the result is the same bit for bit.
+
+    Parameters
+    ----------
+    run, dataset, sampler, batch_size, seed, device, progress
+        As for :func:`predict_tiles`; the progress bar counts tiles (tiles/s and ETA), reused ones included.
+    store
+        An open :class:`~diffst.inference.store.TileStore` whose identity includes the batch size and seed.
+    source
+        Named in the error when the model produces non-finite values (default: the run's path).
+    on_batch
+        Called with each batch's predictions after its tiles are written (progress reporting, tests).
+
+    Returns
+    -------
+    dict
+        ``n_tiles``, ``reused`` (tiles found finished) and ``predicted`` (tiles sampled now).
+
+    Raises
+    ------
+    InputError
+        If the model produces NaN or infinity (nothing of that batch is written).
+    """
+    n = len(dataset)
+    finished = {i for i in store.finished() if i < n}
+    batches = [range(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+    # A batch is redone unless all its tiles are there (they are written together, so that is rare).
+    reused = sum(len(b) for b in batches if all(i in finished for i in b))
+    if reused:
+        log.info("Resuming: %d of %d tiles were already predicted (%s); predicting the other %d.",
+                 reused, n, store.path, n - reused)
+    predicted = 0
+    with tqdm(total=n, initial=reused, desc=_sampling_description(run, sampler), unit="tile",
+              disable=not progress) as bar:
+        parts = iter_batches(run, dataset, sampler, batch_size=batch_size, seed=seed, device=device,
+                             skip=lambda _b, idx: all(i in finished for i in idx))
+        for part in parts:
+            if not (np.isfinite(part.mean).all() and np.isfinite(part.std).all()):
+                check_finite(TilePredictions(mean=part.mean, std=part.std), source or run.path)
+            for j, i in enumerate(part.indices):
+                store.write(i, part.tile_layers(j))
+            predicted += len(part.indices)
+            bar.update(len(part.indices))
+            if on_batch is not None:
+                on_batch(part)
+    return {"n_tiles": n, "reused": reused, "predicted": predicted}
 
 
 def stitch(tiles: pd.DataFrame, maps: dict[str, np.ndarray], hr_bin_um: float,
@@ -196,8 +359,11 @@ def to_anndata(dataset: PreparedTiles, preds: TilePredictions, *, extra_uns: dic
                blend: str = "mean"):
     """AnnData with one row per HR bin of every sample in the split (overlapping tiles averaged).
 
-    Writes
-    ------
+    Built band by band (:func:`diffst.inference.output.build_anndata`); for a whole slide write the file as
+    it is stitched instead (:func:`diffst.inference.output.write_h5ad_stream`, same content).
+
+    Parameters
+    ----------
     ``blend`` is how overlapping tiles are combined: ``mean`` (plain average) or ``window`` (weighted by
     :func:`diffst.inference.whole_slide.tile_window`, no visible tile edges; then ``uns['diffst']['seams']``
     holds :func:`~diffst.inference.whole_slide.seam_jump` of ``X`` per sample).
@@ -211,7 +377,8 @@ def to_anndata(dataset: PreparedTiles, preds: TilePredictions, *, extra_uns: dic
     in the sample's full-resolution image pixels; ``obsm['spatial_um']``: the same in microns;
     ``var_names``: genes; ``uns['spatial'][sample]`` for squidpy / scanpy plotting over the histology:
     ``images['hires']`` ((H, W, 3) uint8 RGB, longest side at most 2000 px, rebuilt from the split's tile
-    images by :func:`diffst.inference.histology.mosaic_tiles` and placed in the full-resolution pixel frame)
+    images (:func:`diffst.inference.output.slide_histology`: averaged over pixel blocks first when the mosaic
+    would be finer than the hires image) and placed in the full-resolution pixel frame)
     and ``scalefactors`` (``tissue_hires_scalef``: hires pixels per full-resolution pixel,
     ``spot_diameter_fullres``: the bin side in full-resolution pixels, ``bin_size_um``,
     ``microns_per_pixel``) and ``metadata`` (``source_image``); ``uns['diffst']``: geometry, split,
@@ -219,65 +386,9 @@ def to_anndata(dataset: PreparedTiles, preds: TilePredictions, *, extra_uns: dic
     :func:`diffst.inference.provenance.prediction_provenance`: checkpoint and step, sampler, seed, K,
     versions, input files with sizes and sha256).
     """
-    import anndata as ad
+    from diffst.inference.output import MemoryTiles, build_anndata
 
-    from diffst.inference.histology import hires_image, mosaic_tiles
-    from diffst.inference.whole_slide import seam_jump, tile_window
-
-    if blend not in ("mean", "window"):
-        raise InputError(f"blend='{blend}': use 'mean' or 'window'.")
-    geom = dataset.geometry
-    window = tile_window(geom.tile_hr) if blend == "window" else None
-    seams = {}
-    samples_meta = {s["name"]: s for s in dataset.meta["samples"]}
-    parts, spatial = [], {}
-    for name, group in dataset.tiles.groupby("sample", sort=False):
-        order = group.index.to_numpy()
-        maps = {"mean": preds.mean[order]}
-        if preds.samples_model.shape[0] > 1:
-            maps["std"] = preds.std[order]
-        maps.update({key: bound[order] for key, bound in preds.bounds.items()})
-        if dataset.has_hr:
-            maps["observed"] = np.asarray(dataset.hr_counts)[order]
-        table = stitch(group, maps, geom.hr_bin_um, window)
-        if blend == "window":
-            seams[str(name)] = seam_jump(table, table.attrs["maps"]["mean"], group, geom.hr_bin_um, geom.tile_hr)
-        table.insert(0, "sample", name)
-        um_to_px = np.asarray(samples_meta[name]["um_to_px"])
-        xy = table[["x_um", "y_um"]].to_numpy()
-        table.attrs["spatial"] = xy @ um_to_px[:2, :2].T + um_to_px[:2, 2]
-        parts.append(table)
-        px_um = float(samples_meta[name]["pixel_size_um"])
-        mosaic = mosaic_tiles(dataset.tissue[order], group["x0_um"].to_numpy(), group["y0_um"].to_numpy(),
-                              geom.tile_um)
-        hires, scalef = hires_image(mosaic, um_to_px)
-        spatial[name] = {
-            "images": {"hires": hires},
-            "scalefactors": {"spot_diameter_fullres": geom.hr_bin_um / px_um, "tissue_hires_scalef": scalef,
-                             "bin_size_um": geom.hr_bin_um, "microns_per_pixel": px_um},
-            # Only the predicted tiles' histology exists in a prepared dataset; the rest of the image is blank.
-            "metadata": {"source_image": f"mosaic of the {dataset.split} tiles' tissue images "
-                                         f"({mosaic.um_per_px:g} µm/px)"},
-        }
-    obs = pd.concat(parts, ignore_index=True)
-    obs.index = [f"{s}_{r}_{c}" for s, r, c in zip(obs["sample"], obs["row"], obs["col"], strict=True)]
-    obs["sample"] = obs["sample"].astype("category")
-
-    def gather(key: str) -> np.ndarray:
-        return np.concatenate([p.attrs["maps"][key] for p in parts]).astype(np.float32)
-
-    adata = ad.AnnData(X=gather("mean"), obs=obs, var=pd.DataFrame(index=list(dataset.genes)))
-    for key in ("std", "observed", *sorted(preds.bounds)):
-        if key in parts[0].attrs["maps"]:
-            adata.layers[key] = gather(key)
-    adata.obsm["spatial"] = np.concatenate([p.attrs["spatial"] for p in parts])
-    adata.obsm["spatial_um"] = obs[["x_um", "y_um"]].to_numpy()
-    adata.uns["spatial"] = spatial
-    adata.uns["diffst"] = {"geometry": geom.to_dict(), "split": dataset.split, "n_tiles": len(dataset),
-                           "num_samples": int(preds.samples_model.shape[0]), "blend": blend, **(extra_uns or {})}
-    if seams:
-        adata.uns["diffst"]["seams"] = seams
-    return adata
+    return build_anndata(dataset, MemoryTiles(preds), extra_uns=extra_uns, blend=blend)
 
 
 def is_diffst_prediction(path: Path) -> bool:
@@ -379,42 +490,26 @@ def run_sampler(run: Run, given: SamplerConfig | Mapping[str, Any] | None = None
     return sampler
 
 
-def predict_checkpoint(
+def open_prediction(
     checkpoint: str | Path,
     data: str | Path,
     *,
     split: str = "test",
     sampler: SamplerConfig | Mapping[str, Any] | None = None,
-    batch_size: int = 4,
-    seed: int = 0,
     device: str = "auto",
-    progress: bool = True,
     run: Run | None = None,
-):
-    """Load a trained run and predict every tile of a prepared split.
-
-    Parameters
-    ----------
-    checkpoint
-        A checkpoint folder or a run folder (its latest checkpoint).
-    data, split
-        The prepared dataset and its split.
-    sampler
-        Sampler settings: None uses the run's own ``sampler:`` section, a mapping overrides some of its
-        keys, a :class:`SamplerConfig` replaces it (see :func:`run_sampler`).
-    batch_size, seed, device, progress
-        See :func:`predict_tiles`; ``device`` may be ``auto``.
-    run
-        The run of ``checkpoint`` when already loaded (on ``device``).
+) -> tuple[Run, PreparedTiles, SamplerConfig, torch.device]:
+    """Load and check what a prediction needs: the run, the split read through its normaliser, the sampler.
 
     Returns
     -------
     tuple
-        ``(dataset, predictions, extras)``; the dataset reads the tiles through the model's own normaliser
-        and gene list, so outputs are in counts whatever dataset the model was trained on. ``extras``:
-        ``checkpoint`` (path), ``step``, ``weights``, ``sampler`` (the settings used, ``point_estimate``
-        resolved), ``seed`` and, for a two-stage run, ``base_checkpoint`` and ``base_step`` (its regression
-        stage).
+        ``(run, dataset, sampler, device)``.
+
+    Raises
+    ------
+    InputError
+        If the dataset's scale is not the model's, the steps exceed the model's, or the weights are not finite.
     """
     dev = resolve_device(device)
     run = run if run is not None else load_run(checkpoint, device=dev)
@@ -429,18 +524,76 @@ def predict_checkpoint(
     if not all(torch.isfinite(p).all() for p in run.model.parameters()):
         raise InputError(f"The checkpoint {run.path} holds NaN or infinite weights; its training diverged or the "
                          "file is corrupt. Use an earlier checkpoint or train again.")
-    check_sample_memory(len(dataset), len(dataset.genes), dataset.geometry.tile_hr, sampler.num_samples)
-    preds = predict_tiles(run, dataset, sampler, batch_size=batch_size, seed=seed, device=dev, progress=progress)
-    check_finite(preds, run.path)
+    return run, dataset, sampler, dev
+
+
+def prediction_extras(run: Run, sampler: SamplerConfig, seed: int) -> dict[str, Any]:
+    """Record how a prediction is made (see :func:`predict_checkpoint`'s ``extras``)."""
     used = sampler.model_copy(update={"point_estimate": point_estimate_kind(run, sampler)})
     extras = {"checkpoint": str(run.path), "step": run.step, "weights": run.weights, "sampler": used.model_dump(),
               "seed": seed}
-    if preds.bounds:
+    if run.config.train.objective != "regression":
         extras["intervals"] = {
-            "levels": list(LEVELS), "layers": sorted(preds.bounds), "spread": used.interval_spread,
-            "calibrated": used.interval_spread != 1.0,
+            "levels": list(LEVELS), "layers": interval_layer_names(),
+            "spread": used.interval_spread, "calibrated": used.interval_spread != 1.0,
             "method": "K sampled rates (spread around the point estimate scaled by sampler.interval_spread) "
                       "mixed with Poisson counting noise"}
     if run.base is not None:
         extras.update(base_checkpoint=str(run.base.path), base_step=run.base.step)
-    return dataset, preds, extras
+    return extras
+
+
+def interval_layer_names() -> list[str]:
+    """Names of the interval layers a sampling prediction has, sorted (``q05``, ``q25``, ``q75``, ``q95``)."""
+    probs = {round(p, 4) for lvl in LEVELS for p in ((1 - lvl) / 2, (1 + lvl) / 2)}
+    return sorted(f"q{round(p * 100):02d}" for p in probs)
+
+
+def predict_checkpoint(
+    checkpoint: str | Path,
+    data: str | Path,
+    *,
+    split: str = "test",
+    sampler: SamplerConfig | Mapping[str, Any] | None = None,
+    batch_size: int = 4,
+    seed: int = 0,
+    device: str = "auto",
+    progress: bool = True,
+    run: Run | None = None,
+    keep_samples: bool = True,
+):
+    """Load a trained run and predict every tile of a prepared split, results in memory.
+
+    Parameters
+    ----------
+    checkpoint
+        A checkpoint folder or a run folder (its latest checkpoint).
+    data, split
+        The prepared dataset and its split.
+    sampler
+        Sampler settings: None uses the run's own ``sampler:`` section, a mapping overrides some of its
+        keys, a :class:`SamplerConfig` replaces it (see :func:`run_sampler`).
+    batch_size, seed, device, progress, keep_samples
+        See :func:`predict_tiles`; ``device`` may be ``auto``.
+    run
+        The run of ``checkpoint`` when already loaded (on ``device``).
+
+    Returns
+    -------
+    tuple
+        ``(dataset, predictions, extras)``; the dataset reads the tiles through the model's own normaliser
+        and gene list, so outputs are in counts whatever dataset the model was trained on. ``extras``:
+        ``checkpoint`` (path), ``step``, ``weights``, ``sampler`` (the settings used, ``point_estimate``
+        resolved), ``seed`` and, for a two-stage run, ``base_checkpoint`` and ``base_step`` (its regression
+        stage).
+    """
+    run, dataset, sampler, dev = open_prediction(checkpoint, data, split=split, sampler=sampler, device=device,
+                                                 run=run)
+    k = num_samples_of(run, sampler)
+    geom = dataset.geometry
+    check_sample_memory(len(dataset), len(dataset.genes), geom.tile_hr, k if keep_samples else 0)
+    check_sample_memory(min(batch_size, len(dataset)), len(dataset.genes), geom.tile_hr, k)
+    preds = predict_tiles(run, dataset, sampler, batch_size=batch_size, seed=seed, device=dev, progress=progress,
+                          keep_samples=keep_samples)
+    check_finite(preds, run.path)
+    return dataset, preds, prediction_extras(run, sampler, seed)

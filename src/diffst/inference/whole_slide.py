@@ -66,16 +66,7 @@ def seam_jump(table: pd.DataFrame, values: np.ndarray, tiles: pd.DataFrame, hr_b
     offs_c = np.round((tiles["x0_um"].to_numpy() - tiles["x0_um"].min()) / hr_bin_um).astype(int)
     offs_r = np.round((tiles["y0_um"].to_numpy() - tiles["y0_um"].min()) / hr_bin_um).astype(int)
     # seam_h[r, c]: the pair (r, c) - (r, c + 1) straddles a tile's left or right edge; seam_v likewise.
-    seam_h = np.zeros((height, width - 1), bool)
-    seam_v = np.zeros((height - 1, width), bool)
-    for r0, c0 in zip(offs_r, offs_c, strict=True):
-        r1, c1 = r0 + tile_hr, c0 + tile_hr
-        for c in (c0 - 1, c1 - 1):
-            if 0 <= c < width - 1:
-                seam_h[r0:r1, c] = True
-        for r in (r0 - 1, r1 - 1):
-            if 0 <= r < height - 1:
-                seam_v[r, c0:c1] = True
+    seam_h, seam_v = seam_masks(offs_r, offs_c, height, width, tile_hr)
     diff_h = np.abs(np.diff(grid, axis=2))
     diff_v = np.abs(np.diff(grid, axis=1))
     seam = np.concatenate([diff_h[:, seam_h].ravel(), diff_v[:, seam_v].ravel()])
@@ -86,6 +77,79 @@ def seam_jump(table: pd.DataFrame, values: np.ndarray, tiles: pd.DataFrame, hr_b
     return {"seam_mean_abs_diff": seam_mean, "inside_mean_abs_diff": inside_mean,
             "ratio": seam_mean / inside_mean if inside_mean > 0 else float("nan"),
             "n_seam_pairs": int(seam.size // values.shape[1]), "n_inside_pairs": int(inside.size // values.shape[1])}
+
+
+def seam_masks(offs_r: np.ndarray, offs_c: np.ndarray, height: int, width: int, tile_hr: int,
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Which pairs of neighbouring bins straddle a tile edge (as :func:`seam_jump` counts them).
+
+    Returns
+    -------
+    tuple
+        ``seam_h`` (height, width - 1): the pair (r, c) - (r, c + 1) lies across some tile's left or right
+        edge; ``seam_v`` (height - 1, width): the pair (r, c) - (r + 1, c) lies across a top or bottom edge.
+        Booleans: one byte per bin whatever the number of genes.
+    """
+    seam_h = np.zeros((height, max(width - 1, 0)), bool)
+    seam_v = np.zeros((max(height - 1, 0), width), bool)
+    for r0, c0 in zip(offs_r, offs_c, strict=True):
+        r1, c1 = r0 + tile_hr, c0 + tile_hr
+        for c in (c0 - 1, c1 - 1):
+            if 0 <= c < width - 1:
+                seam_h[r0:r1, c] = True
+        for r in (r0 - 1, r1 - 1):
+            if 0 <= r < height - 1:
+                seam_v[r, c0:c1] = True
+    return seam_h, seam_v
+
+
+class SeamAccumulator:
+    """:func:`seam_jump` computed band by band, for a slide whose map is never held whole.
+
+    Feed it consecutive bands of grid rows (:meth:`add`: (N, rows, width) values, NaN where no tile
+    covers a bin) from the top; :meth:`result` gives the same statistics as :func:`seam_jump` on the whole
+    map (sums of the same differences; only the order of summation differs).
+    """
+
+    def __init__(self, offs_r: np.ndarray, offs_c: np.ndarray, height: int, width: int, tile_hr: int):
+        self.seam_h, self.seam_v = seam_masks(offs_r, offs_c, height, width, tile_hr)
+        self.sums = {"seam": 0.0, "inside": 0.0}
+        self.counts = {"seam": 0, "inside": 0}
+        self.n_genes = None
+        self._last_row: np.ndarray | None = None  # (N, width): the previous band's bottom row
+        self._next_row = 0
+
+    def _count(self, diffs: np.ndarray, mask: np.ndarray) -> None:
+        for kind, pick in (("seam", mask), ("inside", ~mask)):
+            values = diffs[:, pick]
+            values = values[np.isfinite(values)]
+            self.sums[kind] += float(values.sum())
+            self.counts[kind] += int(values.size)
+
+    def add(self, band: np.ndarray) -> None:
+        """Take the next ``rows`` grid rows, (N, rows, width)."""
+        band = np.asarray(band, float)
+        self.n_genes = band.shape[0]
+        top, rows = self._next_row, band.shape[1]
+        if rows == 0:
+            return
+        self._count(np.abs(np.diff(band, axis=2)), self.seam_h[top : top + rows])
+        if self._last_row is not None:  # the pair across the boundary with the previous band
+            self._count(np.abs(band[:, :1] - self._last_row[:, None]), self.seam_v[top - 1 : top])
+        if rows > 1:
+            self._count(np.abs(np.diff(band, axis=1)), self.seam_v[top : top + rows - 1])
+        self._last_row = band[:, -1].copy()
+        self._next_row = top + rows
+
+    def result(self) -> dict[str, float]:
+        """Return the statistics of :func:`seam_jump` over all rows added so far."""
+        n_genes = self.n_genes or 1
+        seam_mean = self.sums["seam"] / self.counts["seam"] if self.counts["seam"] else float("nan")
+        inside_mean = self.sums["inside"] / self.counts["inside"] if self.counts["inside"] else float("nan")
+        return {"seam_mean_abs_diff": seam_mean, "inside_mean_abs_diff": inside_mean,
+                "ratio": seam_mean / inside_mean if inside_mean > 0 else float("nan"),
+                "n_seam_pairs": int(self.counts["seam"] // n_genes),
+                "n_inside_pairs": int(self.counts["inside"] // n_genes)}
 
 
 @contextlib.contextmanager
