@@ -3,7 +3,12 @@
 An image is described by its pixels and by an affine map from slide microns to image pixels
 (``um_to_px``: (x_um, y_um, 1) -> (col, row, 1)). Everything else in Diff-ST speaks microns; this is
 the only place that knows about pixels. TIFF / OME-TIFF files are opened through a zarr view, so
-reading a region decodes only the TIFF tiles or strips it touches.
+reading a region decodes only the TIFF tiles or strips it touches. A JPEG cannot be decoded by region,
+but libjpeg decodes it at 1/2, 1/4 or 1/8 of its size for a fraction of the time and memory (each pixel
+of the 1/k scale is the mean of a k x k block, blocks aligned at pixel (0, 0)): a JPEG is a pyramid of
+those four scales, each decoded whole on first use and kept, so a region wanted at 5 µm/px never decodes
+the full-resolution image. Opening decodes only the 1/8 scale (which reads every byte of the file, so a
+truncated or corrupt JPEG is refused at once).
 """
 
 from __future__ import annotations
@@ -140,7 +145,7 @@ class SlideImage:
             if suffix in _TIFF_SUFFIXES:
                 ome_px = self._open_tiff(channel_axis)
             elif suffix in _PLAIN_SUFFIXES:
-                self._levels = [self._open_plain()]
+                self._levels = self._open_plain()
             else:
                 raise InputError(
                     f"Unsupported image format '{suffix}' for {self.path}; use TIFF/OME-TIFF, JPEG or PNG."
@@ -213,16 +218,25 @@ class SlideImage:
             ) from exc
         return ome_px
 
-    def _open_plain(self) -> np.ndarray:
+    def _open_plain(self) -> list:
+        """Levels of a JPEG / PNG: a JPEG's four scales (decoded when first read), else the decoded image."""
         from PIL import Image
 
         Image.MAX_IMAGE_PIXELS = None  # whole-slide H&E JPEGs are legitimately large
         try:
             with Image.open(self.path) as im:
-                im.load()
-                if im.mode not in ("RGB", "L", "I;16"):
-                    im = im.convert("RGB")
-                return np.asarray(im)
+                if im.format == "JPEG" and im.mode in ("RGB", "L"):
+                    cols, rows = im.size
+                    levels = [_JpegLevel(self.path, rows, cols, im.mode, k) for k in _JPEG_SCALES]
+                else:
+                    im.load()
+                    if im.mode not in ("RGB", "L", "I;16"):
+                        im = im.convert("RGB")
+                    return [pil_to_array(im)]
+            levels[-1].decode()  # the smallest scale: reads the whole file, so damage shows now
+            return levels
+        except InputError:
+            raise
         except Exception as exc:
             raise InputError(f"Cannot decode image {self.path}: {exc}. The file may be corrupt or truncated.") from exc
 
@@ -273,7 +287,9 @@ class SlideImage:
 
     # ----------------------------------------------------------------------------------------- reading
     def _level_scale(self, level: int) -> float:
-        return self._levels[0].shape[1] / self._levels[level].shape[1]
+        """Full-resolution pixels per pixel of ``level`` (exact for a JPEG's scales, else from the widths)."""
+        exact = getattr(self._levels[level], "downsample", None)
+        return float(exact) if exact else self._levels[0].shape[1] / self._levels[level].shape[1]
 
     def read_px(self, row0: int, col0: int, rows: int, cols: int, level: int = 0) -> np.ndarray:
         """Raw pixels (rows, cols, C) of a window at a pyramid level; outside the image is 0."""
@@ -317,7 +333,7 @@ class SlideImage:
 
         Returns float32 (C, H, W) in [0, 1] with H = round(height_um / out_pixel_size_um). Reads only
         the pixels under the rectangle, from the coarsest pyramid level that is still at least as
-        fine as the requested pixel size.
+        fine as the requested pixel size (for a JPEG's reduced scales: at least twice as fine).
         """
         out_h = int(round(height_um / out_pixel_size_um))
         out_w = int(round(width_um / out_pixel_size_um))
@@ -327,7 +343,10 @@ class SlideImage:
             )
         level = 0
         for lv in range(1, len(self._levels)):
-            if self.pixel_size_um * self._level_scale(lv) <= out_pixel_size_um * 1.001:
+            # A JPEG scale must leave >= 2 of its pixels per output pixel: the area resampling counts whole
+            # pixels, so fewer would alias, and a finer JPEG scale costs little.
+            margin = getattr(self._levels[lv], "min_shrink", 1.0)
+            if self.pixel_size_um * self._level_scale(lv) * margin <= out_pixel_size_um * 1.001:
                 level = lv
         scale = self._level_scale(level)
         # Output pixel (c, r) centre -> slide microns -> level pixels.
@@ -379,6 +398,89 @@ class SlideImage:
             f"{self.dtype}, {self.pixel_size_um:g} µm/px, x {x0:.1f}-{x1:.1f} µm, y {y0:.1f}-{y1:.1f} µm, "
             f"{len(self._levels)} level(s))"
         )
+
+
+_JPEG_SCALES = (1, 2, 4, 8)  # the scales libjpeg decodes to directly (1/k of each side)
+
+
+def pil_to_array(im) -> np.ndarray:
+    """Copy a decoded PIL image into a (rows, cols[, C]) array, in bands.
+
+    ``np.asarray(im)`` goes through one ``tobytes()`` of the whole image, a third copy in memory beside PIL's
+    own (4 bytes per RGB pixel) and the array's; bands of 256 rows keep the peak at PIL's copy plus the array.
+    """
+    cols, rows = im.size
+    first = np.asarray(im.crop((0, 0, cols, min(rows, 256))))
+    out = np.empty((rows, *first.shape[1:]), dtype=first.dtype)
+    out[: first.shape[0]] = first
+    for r0 in range(first.shape[0], rows, 256):
+        r1 = min(rows, r0 + 256)
+        out[r0:r1] = np.asarray(im.crop((0, r0, cols, r1)))
+    return out
+
+
+class _JpegLevel:
+    """One scale (1/``downsample`` of each side) of a JPEG, decoded whole on first access and kept.
+
+    Its pixel (c, r) is the mean of full-resolution pixels [k c, k (c + 1)) x [k r, k (r + 1)) (libjpeg's
+    DCT scaling), so ``downsample`` is the exact factor between the two pixel grids; the last row and
+    column cover the padding libjpeg adds up to a multiple of k. The full resolution is decoded by
+    imagecodecs straight into the array (one copy, ~3x less memory than through PIL), the reduced scales
+    by PIL's draft mode.
+    """
+
+    def __init__(self, path: Path, rows: int, cols: int, mode: str, downsample: int):
+        self.path, self.mode, self.downsample = path, mode, downsample
+        self.min_shrink = 2.0 if downsample > 1 else 1.0  # see SlideImage.read_region_um
+        self.full_shape = (rows, cols)
+        channels = () if mode == "L" else (3,)
+        self.shape = (-(-rows // downsample), -(-cols // downsample), *channels)
+        self.ndim = len(self.shape)
+        self.dtype = np.dtype(np.uint8)
+        self._array: np.ndarray | None = None
+
+    def decode(self) -> np.ndarray:
+        """Decode this scale of the file (once) and return it."""
+        if self._array is None:
+            array = self._decode_full() if self.downsample == 1 else None
+            if array is None:
+                try:
+                    array = self._decode_pil()
+                except Exception as exc:
+                    raise InputError(f"Cannot decode image {self.path}: {exc}. The file may be corrupt or "
+                                     "truncated.") from exc
+            array.flags.writeable = False  # shared by every read, like the array of an in-memory image
+            if array.shape != self.shape:
+                raise InputError(f"Decoding {self.path} at 1/{self.downsample} scale gave {array.shape[:2]} pixels, "
+                                 f"expected {self.shape[:2]}; the JPEG is unusual, convert it to TIFF.")
+            self._array = array
+        return self._array
+
+    def _decode_full(self) -> np.ndarray | None:
+        try:
+            from imagecodecs import jpeg8_decode
+        except ImportError:  # imagecodecs built without libjpeg: PIL does it (more memory)
+            return None
+        try:
+            array = jpeg8_decode(self.path.read_bytes(), outcolorspace="GRAY" if self.mode == "L" else "RGB")
+        except Exception:  # let PIL try, and word the error if it fails too
+            return None
+        return array[..., 0] if array.ndim == 3 and self.mode == "L" else array
+
+    def _decode_pil(self) -> np.ndarray:
+        from PIL import Image
+
+        with Image.open(self.path) as im:
+            rows, cols = self.full_shape
+            k = self.downsample
+            if k > 1:
+                # PIL picks the largest scale k with size // request >= k: ask for size // k.
+                im.draft(self.mode, (max(1, cols // k), max(1, rows // k)))
+            im.load()
+            return pil_to_array(im)
+
+    def __getitem__(self, key) -> np.ndarray:
+        return self.decode()[key]
 
 
 class _ChannelLast:

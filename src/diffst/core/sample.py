@@ -72,7 +72,8 @@ class Sample:
         The registered histology / morphology image, or None.
     transcripts
         DataFrame with integer column ``gene`` and float columns ``x_um``, ``y_um`` (plus optional
-        ``overlaps_nucleus``, ``qv``), or None.
+        ``overlaps_nucleus``), or None. :func:`~diffst.io.read_xenium` stores them compactly: int16 gene
+        codes, float32 microns, int8 ``overlaps_nucleus``; :meth:`xy_um` gives float64.
     spots
         A :class:`SpotTable`, or None.
     platform

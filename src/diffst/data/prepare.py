@@ -21,11 +21,14 @@ bin per spot pitch, bins without a spot unmeasured; see :mod:`diffst.data.tiling
 
 Splits are ``train``, ``val`` and ``test``. A tile belongs to one split only, and no training tile
 overlaps a val/test region or comes from a val/test sample, so no test pixel is ever seen in training.
-Everything is written to a temporary folder first and moved into place at the end.
+Everything is written to a temporary folder first and moved into place at the end. Tiles are written as
+they are made (``np.save``'s format, one tile appended at a time), so memory does not grow with the number of
+tiles; the normaliser is fitted from running per-gene maxima.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -181,25 +184,25 @@ def _held_out_origins(sample: Sample, rect: Rect, region: Rect, geom: TileGeomet
     return plan_origins(sub, geom, stride)
 
 
-def _normaliser_split(tiles: dict[str, list[TileArrays]], split: SplitSpec, samples: Sequence[Sample]) -> str:
-    """Name the split the normalisation is fitted on.
+def _normaliser_split(counts: dict[str, int], split: SplitSpec, samples: Sequence[Sample]) -> str:
+    """Name the split the normalisation is fitted on (``counts``: tiles per split).
 
     Always train, except for a prediction-only dataset (every sample held out whole), whose own
     normaliser only serves display; predictions use the model's.
     """
-    if tiles["train"]:
+    if counts["train"]:
         return "train"
     held_samples = set(split.test_samples) | set(split.val_samples)
     if held_samples >= {s.name for s in samples}:
-        which = "val" if tiles["val"] else "test"
+        which = "val" if counts["val"] else "test"
         log.warning("no training tiles: every sample is held out, so this is a prediction-only dataset; its "
-                    "normaliser is fitted on the %d %s tiles (predict uses the model's own)", len(tiles[which]), which)
+                    "normaliser is fitted on the %d %s tiles (predict uses the model's own)", counts[which], which)
         return which
     regions = "; ".join(f"--{k}-region {','.join(f'{v:g}' for v in r)}" for k, r in
                         (("test", split.test_region), ("val", split.val_region)) if r is not None)
     raise InputError(
         f"No training tiles are left: the held-out regions ({regions or 'none'}) cover all tissue with enough "
-        f"room for a tile ({len(tiles['val'])} val, {len(tiles['test'])} test tiles). Shrink the held-out regions, "
+        f"room for a tile ({counts['val']} val, {counts['test']} test tiles). Shrink the held-out regions, "
         "or hold out whole samples (--test-sample) to prepare a prediction-only dataset.")
 
 
@@ -260,85 +263,213 @@ def prepare_dataset(
     by_name = {s.name: s for s in samples}
     gene_idx = {s.name: s.gene_indices(chosen) for s in samples}
 
-    tiles: dict[str, list[TileArrays]] = {k: [] for k in SPLITS}
-    rows, skipped = [], 0
-    for which, name, x, y in tqdm(plan, desc="Preparing tiles", unit="tile", disable=not progress):
-        tile = make_tile(by_name[name], gene_idx[name], geometry.at(x, y), self_supervised, sub_spot)
-        if tile.tissue_fraction < min_tissue_fraction or (self_supervised and not tile.hr_mask.any()):
-            skipped += 1
-            continue
-        rows.append({"split": which, "index": len(tiles[which]), "sample": name, "x0_um": x, "y0_um": y,
-                     "x1_um": x + geometry.tile_um, "y1_um": y + geometry.tile_um, "n_counts": tile.n_transcripts,
-                     "tissue_fraction": round(tile.tissue_fraction, 4)})
-        tiles[which].append(tile)
-    if not rows:
-        raise InputError(
-            f"No tile has tissue (all {len(plan)} candidate tiles have less than {min_tissue_fraction:.0%} tissue). "
-            "Check that the image shows the tissue where the data are, or lower min_tissue_fraction."
-        )
-    _check_no_leak(rows)
     has_hr = self_supervised or all(s.has_points for s in samples)
-    fit_split = _normaliser_split(tiles, split, samples)
-    fit_source = tiles[fit_split]
-    if has_hr:
-        normaliser = LogScaleNormaliser.fit(np.stack([t.hr_counts for t in fit_source]), chosen)
-    else:
-        lr = np.stack([t.lr_counts for t in fit_source]) / float(geometry.scale**2)
-        normaliser = LogScaleNormaliser.fit(lr, chosen)
-    table = pd.DataFrame(rows)
-    table.insert(0, "tile_id", [f"{r['split']}_{r['index']:05d}" for r in rows])
+    planned = {k: sum(1 for p in plan if p[0] == k) for k in SPLITS}
+    made = _missing_parents(out_dir)
+    try:
+        with atomic_output(out_dir, directory=True) as tmp:
+            writer = _TileWriter(tmp, planned, has_hr, geometry.scale)
+            rows, skipped = [], 0
+            try:
+                for which, name, x, y in tqdm(plan, desc="Preparing tiles", unit="tile", disable=not progress):
+                    tile = make_tile(by_name[name], gene_idx[name], geometry.at(x, y), self_supervised, sub_spot)
+                    if tile.tissue_fraction < min_tissue_fraction or (self_supervised and not tile.hr_mask.any()):
+                        skipped += 1
+                        continue
+                    rows.append({"split": which, "index": writer.count[which], "sample": name, "x0_um": x,
+                                 "y0_um": y, "x1_um": x + geometry.tile_um, "y1_um": y + geometry.tile_um,
+                                 "n_counts": tile.n_transcripts, "tissue_fraction": round(tile.tissue_fraction, 4)})
+                    writer.add(which, tile)  # on disk now: memory holds no tile beyond this one
+            except BaseException:
+                writer.close(complete=False)
+                raise
+            writer.close()
+            if not rows:
+                raise InputError(
+                    f"No tile has tissue (all {len(plan)} candidate tiles have less than {min_tissue_fraction:.0%} "
+                    "tissue). Check that the image shows the tissue where the data are, or lower min_tissue_fraction."
+                )
+            _check_no_leak(rows)
+            fit_split = _normaliser_split(writer.count, split, samples)
+            normaliser = writer.normaliser(fit_split, chosen)
+            table = pd.DataFrame(rows)
+            table.insert(0, "tile_id", [f"{r['split']}_{r['index']:05d}" for r in rows])
+            table.to_csv(tmp / "tiles.csv", index=False)
+            meta = {
+                "format": "diffst-prepared",
+                "format_version": FORMAT_VERSION,
+                "diffst_version": diffst.__version__,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "geometry": geometry.to_dict(),
+                "genes": chosen,
+                "normaliser": normaliser.model_dump(),
+                "normaliser_fitted_on": fit_split,
+                "has_hr": has_hr,
+                "self_supervised": bool(self_supervised),
+                "sub_spot": bool(sub_spot),
+                "hr_source": "spots" if self_supervised else ("transcripts" if has_hr else None),
+                "image_channels": int(samples[0].image.n_channels),
+                "split": split.model_dump(),
+                "n_tiles": dict(writer.count),
+                "skipped_tiles_without_tissue": skipped,
+                "min_tissue_fraction": min_tissue_fraction,
+                "samples": [{"name": s.name, "platform": s.platform, "pixel_size_um": s.image.pixel_size_um,
+                             "um_to_px": s.image.um_to_px.tolist(),
+                             "meta": {k: str(v) for k, v in s.meta.items()}} for s in samples],
+            }
+            if preview:
+                from diffst.plotting.preview import plot_tile_preview
 
-    with atomic_output(out_dir, directory=True) as tmp:
-        _write_dataset(tmp, tiles, table, has_hr)
-        meta = {
-            "format": "diffst-prepared",
-            "format_version": FORMAT_VERSION,
-            "diffst_version": diffst.__version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "geometry": geometry.to_dict(),
-            "genes": chosen,
-            "normaliser": normaliser.model_dump(),
-            "normaliser_fitted_on": fit_split,
-            "has_hr": has_hr,
-            "self_supervised": bool(self_supervised),
-            "sub_spot": bool(sub_spot),
-            "hr_source": "spots" if self_supervised else ("transcripts" if has_hr else None),
-            "image_channels": int(samples[0].image.n_channels),
-            "split": split.model_dump(),
-            "n_tiles": {k: len(v) for k, v in tiles.items()},
-            "skipped_tiles_without_tissue": skipped,
-            "min_tissue_fraction": min_tissue_fraction,
-            "samples": [{"name": s.name, "platform": s.platform, "pixel_size_um": s.image.pixel_size_um,
-                         "um_to_px": s.image.um_to_px.tolist(),
-                         "meta": {k: str(v) for k, v in s.meta.items()}} for s in samples],
-        }
-        if preview:
-            from diffst.plotting.preview import plot_tile_preview
-
-            best = max((t for g in tiles.values() for t in g), key=lambda t: t.n_transcripts)
-            plot_tile_preview(best, chosen, tmp / "preview.png", normaliser=None)
-        # Written last: a folder with dataset.json is a complete dataset.
-        (tmp / "dataset.json").write_text(json.dumps(meta, indent=2))
+                plot_tile_preview(writer.best_tile(), chosen, tmp / "preview.png", normaliser=None)
+            # Written last: a folder with dataset.json is a complete dataset.
+            (tmp / "dataset.json").write_text(json.dumps(meta, indent=2))
+    except BaseException:
+        for folder in made:  # parents this call created for the output; atomic_output removed the rest
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
     return out_dir
 
 
-def _write_dataset(folder: Path, tiles: dict[str, list[TileArrays]], table: pd.DataFrame, has_hr: bool) -> None:
-    """Write the per-split arrays and tiles.csv of a prepared dataset."""
-    for which in SPLITS:
-        group = tiles[which]
-        if not group:
-            continue
-        sub = folder / which
-        sub.mkdir()
-        np.save(sub / "lr_counts.npy", np.stack([t.lr_counts for t in group]).astype(np.float32))
-        np.save(sub / "lr_mask.npy", np.stack([t.lr_mask for t in group]))
-        if has_hr:
-            np.save(sub / "hr_counts.npy", np.stack([t.hr_counts for t in group]).astype(np.float32))
-            np.save(sub / "hr_mask.npy", np.stack([t.measured_hr() for t in group]).astype(bool))
-        np.save(sub / "tissue.npy", np.stack([t.tissue for t in group]))
-        np.save(sub / "cells.npy", np.stack([t.cells for t in group]))
-        np.save(sub / "cell_entropy.npy", np.stack([t.cell_entropy for t in group]))
-    table.to_csv(folder / "tiles.csv", index=False)
+def _missing_parents(path: Path) -> list[Path]:
+    """Return the ancestors of ``path`` that do not exist yet, deepest first."""
+    missing = []
+    for parent in path.parents:
+        if parent.exists():
+            break
+        missing.append(parent)
+    return missing
+
+
+class _NpyAppender:
+    """Write a ``.npy`` file one row (tile) at a time; the file is what ``np.save`` of the stacked rows writes.
+
+    The header's room is reserved for ``max_rows`` rows; :meth:`close` writes the header of the rows actually
+    given and, when that header is shorter (fewer digits), moves the data up to meet it, so the bytes equal
+    ``np.save``'s. Memory holds one row at a time.
+    """
+
+    shift_step = 64 << 20  # bytes moved at a time when the header shrinks
+
+    def __init__(self, path: Path, dtype: np.dtype, row_shape: tuple[int, ...], max_rows: int):
+        self.path, self.dtype, self.row_shape, self.rows = path, np.dtype(dtype), tuple(row_shape), 0
+        self._row_bytes = self.dtype.itemsize * math.prod(self.row_shape)
+        self._reserved = len(self._header(max_rows))
+        self._fh = open(path, "w+b")  # noqa: SIM115 - stays open across add() calls; closed in close()
+        self._fh.write(b"\0" * self._reserved)
+
+    def _header(self, rows: int) -> bytes:
+        buffer = io.BytesIO()
+        np.lib.format.write_array_header_1_0(buffer, {"descr": np.lib.format.dtype_to_descr(self.dtype),
+                                                      "fortran_order": False, "shape": (rows, *self.row_shape)})
+        return buffer.getvalue()
+
+    def add(self, row: np.ndarray) -> np.ndarray:
+        """Append one row; returns it as stored (the file's dtype)."""
+        row = np.ascontiguousarray(row, dtype=self.dtype)
+        if row.shape != self.row_shape:
+            raise ValueError(f"{self.path.name}: a tile of shape {row.shape} among tiles of shape {self.row_shape}")
+        self._fh.write(row.tobytes())
+        self.rows += 1
+        return row
+
+    def close(self, complete: bool = True) -> None:
+        """Write the final header (``complete``) and close; an incomplete file is left to the caller to delete."""
+        if self._fh.closed:
+            return
+        try:
+            if complete:
+                header = self._header(self.rows)
+                if len(header) < self._reserved:  # shift the data up to the shorter header, step by step
+                    size, step = self.rows * self._row_bytes, self.shift_step
+                    for done in range(0, size, step):
+                        self._fh.seek(self._reserved + done)
+                        chunk = self._fh.read(min(step, size - done))
+                        self._fh.seek(len(header) + done)
+                        self._fh.write(chunk)
+                    self._fh.truncate(len(header) + size)
+                self._fh.seek(0)
+                self._fh.write(header)
+        finally:
+            self._fh.close()
+
+
+#: The per-split arrays: name -> (dtype, or None for the tile's own; the tile's array).
+_ARRAYS = {
+    "lr_counts": (np.float32, lambda t: t.lr_counts),
+    "lr_mask": (None, lambda t: t.lr_mask),
+    "hr_counts": (np.float32, lambda t: t.hr_counts),
+    "hr_mask": (bool, lambda t: t.measured_hr()),
+    "tissue": (None, lambda t: t.tissue),
+    "cells": (None, lambda t: t.cells),
+    "cell_entropy": (None, lambda t: t.cell_entropy),
+}
+
+
+class _TileWriter:
+    """Write a prepared dataset's split arrays tile by tile (format in the module docstring).
+
+    Keeps, per split, only the tile count, the per-gene maximum and minimum of the counts the normaliser is
+    fitted on (HR counts, or LR counts for spot data without HR), and the tile with the most counts (for
+    the preview); a split's folder and files are created with its first tile.
+    """
+
+    def __init__(self, folder: Path, planned: dict[str, int], has_hr: bool, scale: int):
+        self.folder, self.planned, self.has_hr, self.scale = folder, planned, has_hr, scale
+        self.count = {k: 0 for k in SPLITS}
+        self._files: dict[str, dict[str, _NpyAppender]] = {}
+        self._range: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._best: dict[str, TileArrays] = {}
+
+    def add(self, which: str, tile: TileArrays) -> None:
+        """Append ``tile`` to split ``which``."""
+        names = [k for k in _ARRAYS if self.has_hr or not k.startswith("hr_")]
+        if which not in self._files:
+            (self.folder / which).mkdir()
+            self._files[which] = {}
+            for name in names:
+                dtype, get = _ARRAYS[name]
+                first = np.asarray(get(tile))
+                self._files[which][name] = _NpyAppender(self.folder / which / f"{name}.npy", dtype or first.dtype,
+                                                        first.shape, self.planned[which])
+        stored = {name: self._files[which][name].add(_ARRAYS[name][1](tile)) for name in names}
+        fitted = stored["hr_counts"] if self.has_hr else stored["lr_counts"]
+        top, low = fitted.max(axis=(1, 2)), fitted.min(axis=(1, 2))
+        if which in self._range:
+            top, low = np.maximum(self._range[which][0], top), np.minimum(self._range[which][1], low)
+        self._range[which] = (top, low)
+        if which not in self._best or tile.n_transcripts > self._best[which].n_transcripts:
+            self._best[which] = tile
+        self.count[which] += 1
+
+    def close(self, complete: bool = True) -> None:
+        """Finish every file (its final header); with ``complete=False`` (after an error) only close them."""
+        for files in self._files.values():
+            for appender in files.values():
+                appender.close(complete)
+
+    def normaliser(self, which: str, genes: list[str]) -> LogScaleNormaliser:
+        """Fit the normaliser on split ``which`` from its running per-gene maxima and minima.
+
+        The same as fitting on the stacked counts: the fit takes the per-gene maximum (and checks the
+        values), and dividing LR counts by s² before or after taking the maximum gives the same float32.
+        """
+        if which not in self._range:
+            return LogScaleNormaliser.fit(np.zeros((0, len(genes), 1, 1), np.float32), genes)
+        top, low = self._range[which]
+        values = np.stack([top, low])[:, :, None, None]
+        return LogScaleNormaliser.fit(values if self.has_hr else values / float(self.scale**2), genes)
+
+    def best_tile(self) -> TileArrays:
+        """Return the tile with the most counts, the first one in split order (train, val, test) on ties."""
+        best = None
+        for which in SPLITS:
+            tile = self._best.get(which)
+            if tile is not None and (best is None or tile.n_transcripts > best.n_transcripts):
+                best = tile
+        return best
 
 
 def is_prepared_dataset(path: Path) -> bool:

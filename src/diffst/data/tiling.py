@@ -35,10 +35,12 @@ def bin_points(
 
     Returns float32 (n_genes, rows, cols); points outside the grid are ignored. A point on a bin's
     left/top edge belongs to that bin (half-open intervals), so adjacent grids never count it twice.
+    Coordinates stored as float32 (as :func:`diffst.io.read_xenium` keeps them) are binned in float64,
+    so a point lands in the same bin whatever precision it is stored in.
     """
     rows, cols = shape
-    col = np.floor((x_um - origin_um[0]) / bin_um).astype(np.int64)
-    row = np.floor((y_um - origin_um[1]) / bin_um).astype(np.int64)
+    col = np.floor((np.asarray(x_um, dtype=np.float64) - origin_um[0]) / bin_um).astype(np.int64)
+    row = np.floor((np.asarray(y_um, dtype=np.float64) - origin_um[1]) / bin_um).astype(np.int64)
     inside = (col >= 0) & (col < cols) & (row >= 0) & (row < rows)
     flat = (gene[inside].astype(np.int64) * rows + row[inside]) * cols + col[inside]
     counts = np.bincount(flat, minlength=n_genes * rows * cols)

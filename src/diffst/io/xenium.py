@@ -34,85 +34,215 @@ def _find(folder: Path, names: Sequence[str]) -> Path | None:
     return None
 
 
-def read_transcripts(path: str | Path, min_qv: float = 20.0, drop_controls: bool = True) -> pd.DataFrame:
-    """Read a Xenium ``transcripts.csv.gz`` / ``transcripts.parquet``.
+#: Rows read at a time: ~40 MB of parsed columns per chunk, whatever the size of the file.
+CHUNK_ROWS = 1_000_000
+#: Optional Xenium columns kept per transcript (1 byte each); cell_id, qv (once filtered on), z_location and
+#: transcript_id are not read at all.
+_KEPT_EXTRAS = ("overlaps_nucleus",)
 
-    Returns a DataFrame with ``feature_name`` (str), ``x_um``, ``y_um`` and, when present,
-    ``overlaps_nucleus``, ``cell_id`` and ``qv``; rows below ``min_qv`` and (optionally) control
-    probes are removed.
+
+def read_transcripts(path: str | Path, min_qv: float | None = 20.0, drop_controls: bool = True,
+                     chunk_rows: int | None = None) -> pd.DataFrame:
+    """Read a Xenium ``transcripts.csv.gz`` / ``transcripts.parquet``, streaming and compact.
+
+    Only ``feature_name``, ``x_location``, ``y_location``, ``qv`` and ``overlaps_nucleus`` are read,
+    ``chunk_rows`` (default :data:`CHUNK_ROWS`) rows at a time (``pandas.read_csv`` chunks / Parquet
+    record batches); rows below ``min_qv`` (a missing qv counts as low) and, with ``drop_controls``,
+    control probes are dropped chunk by chunk, so memory follows the transcripts kept, not the file.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``feature_name`` (categorical; its categories are the genes kept, sorted), ``x_um`` and ``y_um``
+        (float32 microns, the precision Xenium writes) and, when the file has it, ``overlaps_nucleus``
+        (int8: 1, 0, or -1 where empty): 11 bytes per transcript with a small panel.
+
+    Raises
+    ------
+    InputError
+        For a missing, unreadable or empty file, missing columns, non-numeric values (named with their
+        count and first row), empty gene names, or nothing left after the filters.
+    GeometryError
+        For empty, NaN or infinite coordinates.
     """
     path = Path(path)
     if not path.exists():
         raise InputError(f"Transcript file not found: {path}. Expected transcripts.csv.gz or transcripts.parquet.")
-    try:
-        if path.suffix == ".parquet":
-            table = pd.read_parquet(path)
-        else:
-            table = pd.read_csv(path)
-    except Exception as exc:
-        raise InputError(f"Cannot read transcripts from {path}: {exc}. The file may be truncated or corrupt.") from exc
-    missing = [c for c in _REQUIRED if c not in table.columns]
+    columns = _header(path)
+    missing = [c for c in _REQUIRED if c not in columns]
     if missing:
         raise InputError(
-            f"{path} lacks the Xenium column(s) {missing}; found {list(table.columns)[:10]}. "
+            f"{path} lacks the Xenium column(s) {missing}; found {list(columns)[:10]}. "
             "Is this a Xenium transcripts table?"
         )
-    if table["feature_name"].dtype == object and len(table) and isinstance(table["feature_name"].iloc[0], bytes):
-        table["feature_name"] = table["feature_name"].str.decode("utf-8")
-    if len(table) == 0:
-        raise InputError(f"{path} holds no transcripts (0 rows below the header). Is the file complete?")
-    columns = {c: _numeric(table, c, path) for c in ("x_location", "y_location", "qv") if c in table.columns}
-    bad = ~(np.isfinite(columns["x_location"]) & np.isfinite(columns["y_location"]))
-    if bad.any():
-        rows = np.flatnonzero(bad)
-        raise GeometryError(
-            f"x_location / y_location of {path} are empty, NaN or infinite in {len(rows)} of {len(table)} rows "
-            f"(e.g. data row {rows[0] + 1}); drop or fix those rows."
-        )
-    names = table["feature_name"]
-    if names.isna().any():
-        rows = np.flatnonzero(names.isna().to_numpy())
-        raise InputError(
-            f"{path}: {len(rows)} row(s) have an empty feature_name (e.g. data row {rows[0] + 1}); "
-            "every transcript needs its gene name."
-        )
-    names = names.astype(str)
-    keep = np.ones(len(table), dtype=bool)
-    low_qv = np.zeros(len(table), dtype=bool)
-    if "qv" in columns and min_qv is not None:
-        low_qv = ~(columns["qv"] >= min_qv)  # NaN qv counts as low quality
-        keep &= ~low_qv
-    controls = names.str.startswith(CONTROL_PREFIXES).to_numpy() if drop_controls else np.zeros(len(table), bool)
-    keep &= ~controls
-    if not keep.any():
-        raise InputError(
-            f"No transcripts left in {path}: {len(table)} rows read, {int(low_qv.sum())} removed by qv < min_qv "
-            f"({min_qv}), {int((controls & ~low_qv).sum())} more removed as control probes "
-            f"({', '.join(p.rstrip('_') for p in CONTROL_PREFIXES[:3])}, ...). Lower the keyword min_qv of read_xenium "
-            "(the diffst prepare command line has no option for it and uses 20) or keep controls with drop_controls=False."
-        )
-    out = pd.DataFrame(
-        {"feature_name": names[keep].to_numpy(), "x_um": columns["x_location"][keep],
-         "y_um": columns["y_location"][keep]}
-    )
-    for extra in ("overlaps_nucleus", "cell_id", "qv"):
-        if extra in table.columns:
-            out[extra] = columns[extra][keep] if extra in columns else table[extra].to_numpy()[keep]
-    return out
+    wanted = [*_REQUIRED, *(c for c in ("qv", *_KEPT_EXTRAS) if c in columns)]
+    acc = _Accumulator(path, min_qv, drop_controls)
+    for codes, categories, numbers in _chunks(path, wanted, max(1, int(chunk_rows or CHUNK_ROWS))):
+        acc.add(codes, categories, numbers)
+    return acc.finish()
 
 
-def _numeric(table: pd.DataFrame, column: str, path: Path) -> np.ndarray:
-    """Read a column as float; raises naming the column, an example and the count of non-numeric entries."""
-    values = pd.to_numeric(table[column], errors="coerce")
-    bad = values.isna() & table[column].notna()
-    if bad.any():
-        rows = np.flatnonzero(bad.to_numpy())
-        raise InputError(
-            f"Column '{column}' of {path} holds {len(rows)} non-numeric value(s) of {len(table)} rows, e.g. "
-            f"{table[column].iloc[rows[0]]!r} in data row {rows[0] + 1}; expected numbers (microns for "
-            "x_location / y_location). Fix or drop those rows."
-        )
-    return values.to_numpy(dtype=float)
+def _header(path: Path) -> list[str]:
+    """Column names of a transcripts table, reading only its header (CSV) or schema (Parquet)."""
+    try:
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return list(pq.ParquetFile(path).schema_arrow.names)
+        return list(pd.read_csv(path, nrows=0).columns)
+    except pd.errors.EmptyDataError as exc:
+        raise InputError(f"{path} is empty: not even a header line. Is the file complete?") from exc
+    except Exception as exc:
+        raise InputError(f"Cannot read transcripts from {path}: {exc}. The file may be truncated or corrupt.") from exc
+
+
+def _chunks(path: Path, wanted: list[str], chunk_rows: int):
+    """Yield (gene codes, -1 where empty; their names; the other wanted columns as a DataFrame) per chunk."""
+    numeric = [c for c in wanted if c != "feature_name"]
+    try:
+        if path.suffix == ".parquet":
+            import pyarrow as pa
+            import pyarrow.compute as pc
+            import pyarrow.parquet as pq
+
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows, columns=wanted):
+                names = batch.column("feature_name")
+                if not pa.types.is_dictionary(names.type):
+                    names = pc.dictionary_encode(names)
+                codes = pc.fill_null(names.indices, -1).to_numpy(zero_copy_only=False)
+                categories = [v.decode("utf-8") if isinstance(v, bytes) else v for v in names.dictionary.to_pylist()]
+                yield codes.astype(np.int64), categories, batch.select(numeric).to_pandas()
+        else:
+            reader = pd.read_csv(path, usecols=wanted, chunksize=chunk_rows, dtype={"feature_name": "category"})
+            with reader:
+                for chunk in reader:
+                    names = chunk["feature_name"].cat
+                    yield names.codes.to_numpy(np.int64), list(names.categories), chunk[numeric]
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"Cannot read transcripts from {path}: {exc}. The file may be truncated or corrupt.") from exc
+
+
+class _Accumulator:
+    """Filter and keep each chunk's transcripts compactly; count what is wrong for one error at the end.
+
+    Problems are counted over the whole file, as a single read would (the messages give the count over
+    all rows and the first data row); once one is found the remaining chunks are only counted.
+    """
+
+    def __init__(self, path: Path, min_qv: float | None, drop_controls: bool):
+        self.path, self.min_qv, self.drop_controls = path, min_qv, drop_controls
+        self.rows = self.low_qv = self.controls = 0
+        self.vocabulary: dict[str, int] = {}  # gene name -> code in order of first appearance
+        self.is_control: list[bool] = []
+        self.parts: dict[str, list[np.ndarray]] = {"gene": [], "x_um": [], "y_um": [], **{c: [] for c in _KEPT_EXTRAS}}
+        self.non_numeric: dict[str, list] = {}  # column -> [count, first value, first row]
+        self.non_finite: list = [0, None]  # count, first row
+        self.no_name: list = [0, None]
+
+    def _count(self, record: list, mask: np.ndarray, first_value=None) -> None:
+        n = int(mask.sum())
+        if n:
+            if record[-1] is None:
+                where = int(np.flatnonzero(mask)[0])
+                record[-1] = self.rows + where + 1
+                if first_value is not None:
+                    record[1] = first_value.iloc[where]
+            record[0] += n
+
+    def add(self, codes: np.ndarray, categories: list, numbers: pd.DataFrame) -> None:
+        values = {}
+        for column in ("x_location", "y_location", "qv"):
+            if column in numbers.columns:
+                raw = numbers[column]
+                parsed = pd.to_numeric(raw, errors="coerce")
+                record = self.non_numeric.setdefault(column, [0, None, None])
+                self._count(record, (parsed.isna() & raw.notna()).to_numpy(), raw)
+                values[column] = parsed.to_numpy(dtype=np.float64)
+        x, y = values["x_location"], values["y_location"]
+        self._count(self.non_finite, ~(np.isfinite(x) & np.isfinite(y)))
+        self._count(self.no_name, codes < 0)
+        n = len(codes)
+        if self.failed:
+            self.rows += n
+            return
+        lut = np.empty(len(categories) + 1, dtype=np.int64)  # the last entry serves code -1 (none here)
+        for i, name in enumerate(categories):
+            name = str(name)
+            if name not in self.vocabulary:
+                self.vocabulary[name] = len(self.vocabulary)
+                self.is_control.append(name.startswith(CONTROL_PREFIXES))
+            lut[i] = self.vocabulary[name]
+        lut[-1] = -1
+        gene = lut[codes]
+        keep = np.ones(n, dtype=bool)
+        low = np.zeros(n, dtype=bool)
+        if "qv" in values and self.min_qv is not None:
+            low = ~(values["qv"] >= self.min_qv)  # NaN qv counts as low quality
+            keep &= ~low
+        control = np.asarray(self.is_control, dtype=bool)[gene] if self.drop_controls and n else np.zeros(n, bool)
+        keep &= ~control
+        self.low_qv += int(low.sum())
+        self.controls += int((control & ~low).sum())
+        self.parts["gene"].append(gene[keep].astype(np.int32))
+        self.parts["x_um"].append(x[keep].astype(np.float32))
+        self.parts["y_um"].append(y[keep].astype(np.float32))
+        for column in _KEPT_EXTRAS:
+            if column in numbers.columns:
+                flag = pd.to_numeric(numbers[column], errors="coerce").to_numpy(dtype=np.float64)[keep]
+                self.parts[column].append(np.where(np.isnan(flag), -1, flag != 0).astype(np.int8))
+        self.rows += n
+
+    @property
+    def failed(self) -> bool:
+        return any(r[0] for r in self.non_numeric.values()) or bool(self.non_finite[0] or self.no_name[0])
+
+    def finish(self) -> pd.DataFrame:
+        path = self.path
+        if self.rows == 0:
+            raise InputError(f"{path} holds no transcripts (0 rows below the header). Is the file complete?")
+        for column, (count, value, row) in self.non_numeric.items():
+            if count:
+                raise InputError(
+                    f"Column '{column}' of {path} holds {count} non-numeric value(s) of {self.rows} rows, e.g. "
+                    f"{value!r} in data row {row}; expected numbers (microns for x_location / y_location). Fix or "
+                    "drop those rows."
+                )
+        if self.non_finite[0]:
+            raise GeometryError(
+                f"x_location / y_location of {path} are empty, NaN or infinite in {self.non_finite[0]} of {self.rows} "
+                f"rows (e.g. data row {self.non_finite[1]}); drop or fix those rows."
+            )
+        if self.no_name[0]:
+            raise InputError(
+                f"{path}: {self.no_name[0]} row(s) have an empty feature_name (e.g. data row {self.no_name[1]}); "
+                "every transcript needs its gene name."
+            )
+        gene = np.concatenate(self.parts.pop("gene"))
+        if len(gene) == 0:
+            raise InputError(
+                f"No transcripts left in {path}: {self.rows} rows read, {self.low_qv} removed by qv < min_qv "
+                f"({self.min_qv}), {self.controls} more removed as control probes "
+                f"({', '.join(p.rstrip('_') for p in CONTROL_PREFIXES[:3])}, ...). Lower the keyword min_qv of "
+                "read_xenium (the diffst prepare command line has no option for it and uses 20) or keep controls "
+                "with drop_controls=False."
+            )
+        names = np.array(list(self.vocabulary), dtype=object)
+        present = np.flatnonzero(np.bincount(gene, minlength=len(names)))
+        order = present[np.argsort(names[present].astype(str), kind="stable")]
+        remap = np.full(len(names), -1, dtype=np.int64)
+        remap[order] = np.arange(len(order))
+        code_type = np.int16 if len(order) <= np.iinfo(np.int16).max else np.int32
+        table = pd.DataFrame({
+            "feature_name": pd.Categorical.from_codes(remap[gene].astype(code_type), names[order].tolist()),
+            "x_um": np.concatenate(self.parts.pop("x_um")),
+            "y_um": np.concatenate(self.parts.pop("y_um")),
+        })
+        for column, parts in self.parts.items():
+            if parts:
+                table[column] = np.concatenate(parts)
+        return table
 
 
 def read_xenium(
@@ -172,9 +302,11 @@ def read_xenium(
     if tx_path is None:
         raise InputError(f"No transcripts.parquet or transcripts.csv.gz in {folder}; point to a Xenium output folder.")
     table = read_transcripts(tx_path, min_qv=min_qv, drop_controls=drop_controls)
-    codes, genes = pd.factorize(table["feature_name"], sort=True)
+    genes = list(table["feature_name"].cat.categories)
+    codes = table["feature_name"].cat.codes.to_numpy()
     transcripts = table.drop(columns="feature_name")
-    transcripts.insert(0, "gene", codes.astype(np.int32))
+    transcripts.insert(0, "gene", codes.astype(np.int16 if codes.dtype.itemsize <= 2 else np.int32))
+    del table
 
     morphology = None
     if image is None:
