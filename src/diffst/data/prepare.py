@@ -46,7 +46,7 @@ from diffst.atomic import atomic_output, check_replaceable
 from diffst.core.geometry import TileGeometry
 from diffst.core.sample import Sample
 from diffst.data.normalise import LogScaleNormaliser
-from diffst.data.tiling import TileArrays, intersects, make_tile, plan_origins
+from diffst.data.tiling import PointIndex, TileArrays, intersects, make_tile, plan_origins
 from diffst.errors import GeometryError, InputError
 
 FORMAT_VERSION = 2
@@ -265,6 +265,7 @@ def prepare_dataset(
 
     has_hr = self_supervised or all(s.has_points for s in samples)
     planned = {k: sum(1 for p in plan if p[0] == k) for k in SPLITS}
+    indexes = {s.name: PointIndex(s) for s in samples if s.has_points}
     made = _missing_parents(out_dir)
     try:
         with atomic_output(out_dir, directory=True) as tmp:
@@ -272,7 +273,8 @@ def prepare_dataset(
             rows, skipped = [], 0
             try:
                 for which, name, x, y in tqdm(plan, desc="Preparing tiles", unit="tile", disable=not progress):
-                    tile = make_tile(by_name[name], gene_idx[name], geometry.at(x, y), self_supervised, sub_spot)
+                    tile = make_tile(by_name[name], gene_idx[name], geometry.at(x, y), self_supervised, sub_spot,
+                                     indexes.get(name))
                     if tile.tissue_fraction < min_tissue_fraction or (self_supervised and not tile.hr_mask.any()):
                         skipped += 1
                         continue
