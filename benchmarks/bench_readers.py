@@ -18,8 +18,10 @@ miss. Tasks:
   --self-supervised``: scale 2, the pitch geometry);
 * ``legacy_prepare_cpu``: read C2 and prepare it with the ``cpu`` preset (s = 10, 0.5 µm/px image);
 * ``prepare_example``: prepare the built-in example as the test fixture does (cpu, s = 5, 8 genes);
+* ``prepare_stride50`` / ``prepare_stride10``: the example (cpu, s = 5, 25 genes) with training tiles every
+  50 µm or every 10 µm: the same transcripts and image, ~20x more tiles;
 * ``prepare_mirror2`` / ``prepare_mirror4``: prepare the example mirrored 2 x 2 and 4 x 4 into a larger
-  slide (cpu, s = 5, 25 genes, training stride 50 µm): what ``prepare`` holds grows with the tiles.
+  slide (cpu, s = 5, 25 genes, training stride 50 µm): transcripts, image and tiles all grow with the area.
 
 Usage::
 
@@ -49,7 +51,8 @@ XENIUM_DIR = SHARED / "xenium_breast_crop"
 C2_DIR = SHARED / "her2st_C2_C3" / "C2"
 RESULTS = HERE / "results" / "bench_readers.json"
 TASKS = ("xenium_crop", "xenium_synthetic_csv", "xenium_synthetic_parquet", "jpeg_fine", "jpeg_coarse",
-         "legacy_prepare_selfsup", "legacy_prepare_cpu", "prepare_example", "prepare_mirror2", "prepare_mirror4")
+         "legacy_prepare_selfsup", "legacy_prepare_cpu", "prepare_example", "prepare_stride50", "prepare_stride10",
+         "prepare_mirror2", "prepare_mirror4")
 
 
 def rss_mb() -> float:
@@ -227,6 +230,8 @@ def run_task(name: str, cache: Path, rows: int) -> dict:
         if name == "prepare_example":
             return task_prepare(out, load_example, n_genes=8,
                                 split=SplitSpec(test_region=EXAMPLE_TEST_REGION, train_stride_um=50))
+        if name.startswith("prepare_stride"):
+            return task_prepare(out, load_example, n_genes=25, split=SplitSpec(train_stride_um=float(name[14:])))
         if name.startswith("prepare_mirror"):
             k = int(name[-1])
             return task_prepare(out, lambda: mirrored_example(k), n_genes=25, split=SplitSpec(train_stride_um=50))
