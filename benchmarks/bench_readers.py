@@ -268,14 +268,15 @@ def main() -> None:
     record = {}
     if args.out.exists():
         record = json.loads(args.out.read_text())
-    previous = record.get(args.label, {}).get("tasks", {})
+    previous = record.get(args.label, {})
+    command = " ".join(["python", "benchmarks/bench_readers.py", *sys.argv[1:]])
+    pythonpath = os.environ.get("PYTHONPATH")
     record[args.label] = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-        "pythonpath": os.environ.get("PYTHONPATH", ""),
-        "command": " ".join(["python", "benchmarks/bench_readers.py", *sys.argv[1:]]),
+        "commands": [*previous.get("commands", []), (f"PYTHONPATH={pythonpath} " if pythonpath else "") + command],
         "rows_synthetic": args.rows,
-        "tasks": {**previous, **results},
+        "tasks": {**previous.get("tasks", {}), **results},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")
