@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from diffst.errors import InputError
+from diffst.inference.store import dataset_maps, release_memory, release_pages
 
 OBS_COLUMNS = ("sample", "row", "col", "x_um", "y_um")
 
@@ -234,6 +235,7 @@ def iter_chunks(dataset, source, plan: SamplePlan, keys: list[str], window: np.n
 
     um_to_px = np.asarray(plan.meta["um_to_px"])
     for band in iter_bands(plan.offs_r, plan.offs_c, geom.tile_hr, get_tile, keys, window):
+        release_pages(hr)
         if seams is not None:
             seams.add(band.grid("mean"))
         rows, cols = band.covered()
@@ -287,16 +289,22 @@ def slide_histology(tissue, x0_um: np.ndarray, y0_um: np.ndarray, tile_um: float
     rows = np.round((np.asarray(y0_um) - gy0) / um_per_px).astype(int)
     height, width = rows.max() + small, cols.max() + small
     total = np.zeros((height, width, channels), np.float32)
-    count = np.zeros((height, width), np.float32)
+    count = np.zeros((height, width), np.uint16)
     for j, (r, c) in enumerate(zip(rows, cols, strict=True)):
         image = np.moveaxis(np.asarray(tissue[j], np.float32), 0, -1)
         if factor > 1:
             image = image.reshape(small, factor, small, factor, channels).mean(axis=(1, 3))
         total[r : r + small, c : c + small] += image
         count[r : r + small, c : c + small] += 1
+        if j % 256 == 255:
+            release_pages(getattr(tissue, "array", tissue))
+    release_pages(getattr(tissue, "array", tissue))
     covered = count > 0
     mosaic_image = np.full((height, width, channels), background_value(channels), np.uint8)
-    mosaic_image[covered] = np.clip(np.round(total[covered] / count[covered, None]), 0, 255).astype(np.uint8)
+    for top in range(0, height, 256):  # in strips: no full-size temporaries
+        part, n = covered[top : top + 256], count[top : top + 256]
+        mosaic_image[top : top + 256][part] = np.clip(np.round(total[top : top + 256][part] / n[part, None]), 0,
+                                                      255).astype(np.uint8)
     del total, count
     mosaic = HistologyMosaic(mosaic_image, gx0, gy0, um_per_px, covered)
     # A coarser mosaic's last pixel centre lies further inside its edge: hold the edge value out to the edge.
@@ -313,7 +321,7 @@ def hires_in_strips(mosaic, um_to_px: np.ndarray, max_side: int, strip_rows: int
     """
     from scipy.ndimage import map_coordinates
 
-    from diffst.inference.histology import background_value, display_rgb
+    from diffst.inference.histology import background_value
 
     um_to_px = np.asarray(um_to_px, float)
     x0, y0, x1, y1 = mosaic.extent_um()
@@ -327,9 +335,11 @@ def hires_in_strips(mosaic, um_to_px: np.ndarray, max_side: int, strip_rows: int
     scalef = min(max_side / max(far_x, far_y), full_px_um / mosaic.um_per_px)
     width, height = max(1, int(np.ceil(far_x * scalef))), max(1, int(np.ceil(far_y * scalef)))
     inverse = np.linalg.inv(um_to_px)
-    rgb = display_rgb(mosaic.image)
     background = float(background_value(mosaic.image.shape[2]))
-    planes = [rgb[..., ch].astype(np.float32) for ch in range(3)]
+    # The display channels (grey shown as RGB: one plane, copied); uint8 planes are interpolated in double
+    # precision as float32 ones would be, without a float copy of the mosaic.
+    grey = mosaic.image.shape[2] != 3  # display_rgb shows the first channel as grey
+    planes = [np.ascontiguousarray(mosaic.image[..., ch]) for ch in range(1 if grey else 3)]
     out = np.empty((height, width, 3), np.uint8)
     for top in range(0, height, strip_rows):
         bottom = min(top + strip_rows, height)
@@ -343,8 +353,10 @@ def hires_in_strips(mosaic, um_to_px: np.ndarray, max_side: int, strip_rows: int
                 rim = (coord >= -0.5) & (coord <= n - 0.5)
                 coord[rim] = np.clip(coord[rim], 0, n - 1)
         for ch, plane in enumerate(planes):
-            values = map_coordinates(plane, [my, mx], order=1, mode="constant", cval=background)
-            out[top:bottom, :, ch] = np.clip(np.round(values), 0, 255).astype(np.uint8).reshape(bottom - top, width)
+            values = map_coordinates(plane, [my, mx], output=np.float64, order=1, mode="constant", cval=background)
+            strip = np.clip(np.round(values), 0, 255).astype(np.uint8).reshape(bottom - top, width)
+            for target in ((0, 1, 2) if grey else (ch,)):
+                out[top:bottom, :, target] = strip
     return out, float(scalef)
 
 
@@ -536,6 +548,8 @@ def write_h5ad_stream(dataset, source, path: str | Path, *, extra_uns: Mapping |
             if acc is not None:
                 seams[plan.name] = acc.result()
             spatial[plan.name] = spatial_entry(dataset, plan)
+            release_pages(*dataset_maps(dataset))
+            release_memory()
         write_elem(fh, "var", pd.DataFrame(index=list(dataset.genes)))
         for name in ("varm", "obsp", "varp"):
             write_elem(fh, name, {})

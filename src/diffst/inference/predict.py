@@ -25,6 +25,7 @@ from diffst.diffusion.samplers import sample_with_config, sampling_autocast, x0_
 from diffst.diffusion.target import decode_target
 from diffst.errors import InputError
 from diffst.inference.intervals import LEVELS, interval_bounds
+from diffst.inference.store import dataset_maps, release_memory, release_pages
 from diffst.models.base import Conditions, bind_conditions
 from diffst.runs import Run, load_run, regression_output
 
@@ -185,6 +186,8 @@ def iter_batches(
             mean = project_to_spots(mean, lr, geom.scale, mask) if point is not None else counts.mean(axis=0)
         std = counts.std(axis=0, ddof=1) if k > 1 else np.zeros_like(mean)
         bounds = {} if regression else interval_bounds(counts, mean, sampler.interval_spread)
+        if b % max(1, 64 // batch_size) == 0:  # pages of tiles read so far need not stay resident
+            release_pages(*dataset_maps(dataset))
         yield BatchPredictions(indices=idx, mean=mean, std=std, samples_model=samples, bounds=bounds)
 
 
@@ -317,6 +320,8 @@ def predict_to_store(
             bar.update(len(part.indices))
             if on_batch is not None:
                 on_batch(part)
+    release_pages(*dataset_maps(dataset))
+    release_memory()
     return {"n_tiles": n, "reused": reused, "predicted": predicted}
 
 

@@ -24,7 +24,7 @@ import logging
 import os
 import re
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -263,11 +263,33 @@ def _unlock(fh) -> None:
         fh.close()
 
 
-def iter_store_tiles(store: TileStore, indices) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-    """Yield ``(index, layers)`` for the given tile indices, read from ``store``."""
-    for i in indices:
-        layers = store.read(i)
-        if layers is None:
-            raise InputError(f"Tile {i} of {store.path} is missing or unreadable; run the same command again to "
-                             "predict it anew.")
-        yield i, layers
+def release_pages(*arrays) -> None:
+    """Drop the pages of memory-mapped arrays from this process's resident memory (they stay in the page cache).
+
+    Reading a prepared dataset's tiles through its memory maps leaves every page read resident, so a
+    process that reads all tiles of a slide once would grow with the slide; released pages are read again
+    from the page cache if needed. Arrays that are not memory maps are ignored.
+    """
+    import mmap
+
+    for array in arrays:
+        while array is not None and not hasattr(array, "_mmap") and getattr(array, "base", None) is not None:
+            array = array.base
+        handle = getattr(array, "_mmap", None)
+        if handle is not None and hasattr(mmap, "MADV_DONTNEED"):
+            with contextlib.suppress(OSError, ValueError):
+                handle.madvise(mmap.MADV_DONTNEED)
+
+
+def dataset_maps(dataset) -> list:
+    """List the memory-mapped arrays of a prepared split (:class:`diffst.data.dataset.PreparedTiles`)."""
+    names = ("lr_counts", "lr_mask", "hr_counts", "hr_mask", "tissue", "cells", "cell_entropy")
+    return [getattr(dataset, name, None) for name in names]
+
+
+def release_memory() -> None:
+    """Hand freed heap memory back to the system (glibc keeps it otherwise); a no-op elsewhere."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

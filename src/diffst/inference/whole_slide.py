@@ -194,6 +194,8 @@ def whole_slide_tiles(samples: Sequence, run, workdir: str | Path | None = None,
                                    min_tissue_fraction=min_tissue_fraction, progress=progress, preview=False)
         finally:
             data_log.removeFilter(quiet)
+        # The tiles hold all that prediction needs: let the samples (transcripts, image) go before it starts.
+        del samples
         yield path
 
 
