@@ -233,6 +233,11 @@ class TrainConfig(BaseModel):
         shared out over its bins by a softmax (the output is spot-consistent by construction) around a
         prior that follows the interpolated LR maps; Poisson deviance of the HR counts, each gene weighted
         by its inverse mean count so that every gene counts alike. Read by regression runs only.
+    linear_prior
+        ``spot_poisson`` regressions only: start from a per-gene ridge regression of log1p counts on the
+        interpolated LR and per-bin image statistics (and their products), fitted in closed form on the
+        training tiles before the first step and kept fixed; the network learns log-weights around it
+        (:class:`~diffst.models.spot_ratio.LinearPrior`).
     steps, epochs
         Length of training: exactly one of them (an epoch is one pass over the training tiles, sharded
         over the processes).
@@ -284,6 +289,7 @@ class TrainConfig(BaseModel):
 
     objective: Literal["diffusion", "regression"] = "diffusion"
     regression: Literal["mse", "spot_poisson"] = "mse"
+    linear_prior: bool = False
     steps: int | None = Field(None, ge=1)
     epochs: int | None = Field(None, ge=1)
     lr: float = Field(1e-4, gt=0)

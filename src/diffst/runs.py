@@ -223,7 +223,8 @@ def build_run_model(config: RunConfig) -> nn.Module:
     model_cfg = config.model_config_resolved()
     model = build_model(model_cfg)
     if config.train.objective == "regression" and config.train.regression == "spot_poisson":
-        model = SpotRatioModel(model, model_cfg.n_genes, model_cfg.image_channels)
+        model = SpotRatioModel(model, model_cfg.n_genes, model_cfg.image_channels,
+                               linear_prior=config.train.linear_prior)
     return model
 
 

@@ -26,6 +26,9 @@ LEARNED: dict[str, dict[str, Any]] = {
     "regression-no-hier": {"model": {"use_hierarchical": False},
                            "train": {"objective": "regression", "regression": "spot_poisson"}},
     "regression-mse": {"train": {"objective": "regression", "regression": "mse"}},  # no spot-ratio output
+    # Stage one started from the closed-form histology ridge (train.linear_prior).
+    "regression-linear-prior": {"train": {"objective": "regression", "regression": "spot_poisson",
+                                          "linear_prior": True}},
     # The paper's single-stage Diff-ST (diffusion of the residual over interpolated LR, x0-probe answer).
     "diffst-one-stage": {},
     # The paper's comparison methods: a diffusion baseline and four deterministic regressors.
@@ -49,7 +52,7 @@ BASELINES = ("bicubic", "nearest", "ridge", "tesla", "bicubic+spots", "ridge+spo
 TRAINED = (*LEARNED, *TWO_STAGE)
 METHODS = (*BASELINES, *TRAINED)
 ABLATIONS = (*TWO_STAGE, "regression", "regression-no-cam", "regression-no-graph", "regression-no-hier",
-             "regression-mse")
+             "regression-mse", "regression-linear-prior")
 #: Samples drawn per test tile by the sampling methods (their intervals' and spread's source).
 INTERVAL_SAMPLES = 4
 # Budget -> run preset of the trained methods (tiny: a few steps, for CI and tests; full: the cpu preset).

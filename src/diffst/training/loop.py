@@ -189,7 +189,8 @@ class Trainer:
             raise InputError(f"train.keep_best needs a validation split, but {val_note}; prepare the data with a "
                              "validation region (diffst prepare --val-region) or set train.keep_best: false")
         self.gamma_final = self._gamma(1.0)
-        self.state = TrainState.create(self.rcfg, coexpression, self.accelerator, checkpoint)
+        prior = self._fit_linear_prior(chosen) if checkpoint is None else None
+        self.state = TrainState.create(self.rcfg, coexpression, self.accelerator, checkpoint, prior)
         self.base = self._base_run(checkpoint)
         self.objective = make_objective(self.rcfg, self.base, self.spec)
         self.view = SeededTiles(self.train_ds, cfg.seed)
@@ -210,6 +211,37 @@ class Trainer:
             save_config(self.rcfg, self.run_dir / "config.yaml")
             _write_json(self.run_dir / "run_info.json", self.info)
             log.info("run %s: %s", self.run_dir, json.dumps(self.info))
+
+    def _fit_linear_prior(self, tiles: list[int]) -> dict[str, Any] | None:
+        """Fit a spot-ratio model's linear prior on the training tiles (``train.linear_prior``), or None.
+
+        Every process fits the same prior from the same tiles (no augmentation), so no broadcast is needed.
+        """
+        train = self.rcfg.train
+        if not (train.objective == "regression" and train.regression == "spot_poisson" and train.linear_prior):
+            return None
+        from diffst.data.dataset import PreparedTiles
+        from diffst.evaluation.report import scoring_mask
+        from diffst.models.spot_ratio import fit_linear_prior, n_prior_features
+
+        tiles_ds = PreparedTiles(self.cfg.data.path, self.cfg.data.train_split, augment=False)
+        norm, scale = self.spec.normaliser, self.spec.geometry.scale
+        mask = scoring_mask(tiles_ds)
+        log1p_scale = torch.as_tensor(np.asarray(norm.scale, dtype=np.float32)).reshape(-1)  # as to_log1p uses
+
+        def batches():
+            for start in range(0, len(tiles), 16):
+                idx = tiles[start:start + 16]
+                lr = norm.lr_to_model(np.asarray(tiles_ds.lr_counts[idx], dtype=np.float32), scale)
+                hr = np.asarray(tiles_ds.hr_counts[idx], dtype=np.float32)
+                keep = np.ones((len(idx), *hr.shape[-2:]), bool) if mask is None else mask[idx]
+                yield {"lr": torch.from_numpy(np.ascontiguousarray(lr)),
+                       "tissue": torch.from_numpy(np.asarray(tiles_ds.tissue[idx], dtype=np.float32) / 255.0),
+                       "hr_counts": torch.from_numpy(hr), "mask": torch.from_numpy(keep)}
+
+        prior = fit_linear_prior(batches(), log1p_scale, n_prior_features(self.spec.image_channels))
+        log.info("linear prior fitted on %d training tiles", len(tiles))
+        return prior
 
     def _start(self, resume: bool) -> dict[str, Any] | None:
         """Find the checkpoint to resume from (its configuration checked against this one), or None."""

@@ -47,7 +47,7 @@ class TrainState:
 
     @classmethod
     def create(cls, cfg: RunConfig, coexpression: np.ndarray, accelerator: Any,
-               checkpoint: dict[str, Any] | None = None) -> TrainState:
+               checkpoint: dict[str, Any] | None = None, linear_prior: dict[str, Any] | None = None) -> TrainState:
         """Create a new train state (weights seeded from ``cfg.seed``), or restore the one ``checkpoint`` saved.
 
         Parameters
@@ -61,6 +61,9 @@ class TrainState:
         checkpoint
             From :func:`diffst.runs.read_training_state`: weights, EMA, optimiser, step and (main process)
             random states are restored.
+        linear_prior
+            Fitted coefficients of a spot-ratio model's linear prior (``train.linear_prior``), set before the
+            EMA copy is made; a checkpoint carries them in its weights.
 
         Returns
         -------
@@ -69,6 +72,8 @@ class TrainState:
         torch.manual_seed(cfg.seed)
         model = build_run_model(cfg)
         model.set_coexpression(coexpression)
+        if linear_prior is not None:
+            model.set_linear_prior(linear_prior)
         train = cfg.train
         optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, betas=tuple(train.betas), eps=train.eps,
                                       weight_decay=train.weight_decay)
