@@ -74,11 +74,18 @@ def gaussian_log_likelihood(x: Tensor, mean: Tensor, log_var: Tensor) -> Tensor:
     return -0.5 * (math.log(2.0 * math.pi) + log_var + (x - mean) ** 2 * torch.exp(-log_var))
 
 
-def _mean_flat(x: Tensor) -> Tensor:
-    return x.mean(dim=tuple(range(1, x.ndim)))
+def _mean_flat(x: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Mean over all but the first axis; with ``mask`` (broadcastable 0/1 weights), over its bins only."""
+    dims = tuple(range(1, x.ndim))
+    if mask is None:
+        return x.mean(dim=dims)
+    w = torch.broadcast_to(mask.to(x.dtype), x.shape)
+    return (x * w).sum(dim=dims) / w.sum(dim=dims).clamp_min(1.0)
 
 
-def _sum_flat(x: Tensor) -> Tensor:
+def _sum_flat(x: Tensor, mask: Tensor | None = None) -> Tensor:
+    if mask is not None:
+        x = x * torch.broadcast_to(mask.to(x.dtype), x.shape)
     return x.sum(dim=tuple(range(1, x.ndim)))
 
 
@@ -293,20 +300,20 @@ class GaussianDiffusion:
         mean, _, _ = self.q_posterior(pred_x0, x_t, t)
         return MeanVariance(mean, torch.exp(log_var), log_var, pred_x0)
 
-    def vlb_terms(self, prediction: Tensor, x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+    def vlb_terms(self, prediction: Tensor, x0: Tensor, x_t: Tensor, t: Tensor, mask: Tensor | None = None) -> Tensor:
         """Per-sample term L_t of the variational bound, in bits per dimension, shape (B,).
 
         KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)) for t > 0 and the decoder NLL -log p(x0 | x_1) at
-        t = 0 (see :attr:`DiffusionConfig.decoder_nll`).
+        t = 0 (see :attr:`DiffusionConfig.decoder_nll`); averaged over the bins of ``mask`` when given.
         """
         true_mean, _, true_log_var = self.q_posterior(x0, x_t, t)
         out = self.p_mean_variance(prediction, x_t, t)
-        kl = _mean_flat(normal_kl(true_mean, true_log_var, out.mean, out.log_variance)) / _LOG2
+        kl = _mean_flat(normal_kl(true_mean, true_log_var, out.mean, out.log_variance), mask) / _LOG2
         if self.cfg.decoder_nll == "discretized":
             ll = discretized_gaussian_log_likelihood(x0, out.mean, 0.5 * out.log_variance)
         else:
             ll = gaussian_log_likelihood(x0, out.mean, out.log_variance)
-        nll = -_mean_flat(ll) / _LOG2
+        nll = -_mean_flat(ll, mask) / _LOG2
         return torch.where(t.to(x0.device) == 0, nll, kl)
 
     # ------------------------------------------------------------------ training
@@ -318,13 +325,15 @@ class GaussianDiffusion:
         t = torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=gen_device)
         return t.to(device) if device is not None else t
 
-    def _eps_loss(self, eps_pred: Tensor, noise: Tensor) -> Tensor:
+    def _eps_loss(self, eps_pred: Tensor, noise: Tensor, mask: Tensor | None = None) -> Tensor:
         diff = eps_pred - noise
         if self.cfg.loss == "charbonnier":
             per_elem = torch.sqrt(diff * diff + self.cfg.charbonnier_eps**2)
         else:
             per_elem = diff * diff
-        return _mean_flat(per_elem) if self.cfg.eps_loss_reduction == "mean" else _sum_flat(per_elem)
+        if self.cfg.eps_loss_reduction == "mean":
+            return _mean_flat(per_elem, mask)
+        return _sum_flat(per_elem, mask)
 
     def training_losses(
         self,
@@ -335,6 +344,7 @@ class GaussianDiffusion:
         noise: Tensor | None = None,
         model_kwargs: dict[str, Any] | None = None,
         generator: torch.Generator | None = None,
+        mask: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Diffusion training objective for one batch.
 
@@ -350,6 +360,9 @@ class GaussianDiffusion:
             Optional fixed noise (default: standard normal, from ``generator``).
         model_kwargs
             Conditions passed to the model (e.g. LR maps, histology).
+        mask
+            Optional (B, 1, H, W) (or broadcastable) 0/1 weights of the bins that were measured: every loss
+            is averaged over them only, so unmeasured bins (spot-only slides) teach nothing.
 
         Returns
         -------
@@ -374,11 +387,11 @@ class GaussianDiffusion:
                 self._gather(self.sqrt_alphas_cumprod, t, x0) * noise
                 - self._gather(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
             )
-            eps_loss = self._eps_loss(output.prediction[:, :n], velocity)
+            eps_loss = self._eps_loss(output.prediction[:, :n], velocity, mask)
         else:
-            eps_loss = self._eps_loss(eps_pred, noise)
+            eps_loss = self._eps_loss(eps_pred, noise, mask)
         terms: dict[str, Tensor] = {
-            "eps_mse": _mean_flat((eps_pred.detach() - noise) ** 2).mean(),
+            "eps_mse": _mean_flat((eps_pred.detach() - noise) ** 2, mask).mean(),
             "eps_loss": eps_loss.mean(),
         }
         loss = eps_loss
@@ -386,7 +399,7 @@ class GaussianDiffusion:
             # Stop-gradient on the mean: the bound trains only the variance. The raw first half is frozen,
             # not eps_pred, because vlb_terms converts it again (a v prediction into epsilon).
             frozen = torch.cat([output.prediction[:, : x0.shape[1]].detach(), v], dim=1)
-            vlb = self.vlb_terms(frozen, x0, x_t, t)
+            vlb = self.vlb_terms(frozen, x0, x_t, t, mask)
             terms["vlb"] = vlb.mean()
             if self.cfg.loss != "mse":
                 loss = loss + self.cfg.lambda_vlb * self.num_timesteps * vlb

@@ -7,11 +7,10 @@ terms to log. It declares the names of its terms (``terms``, the per-step metric
 
 HR bins that were not measured (``hr_mask`` False in the batch: spot-only slides prepared in the
 self-supervised mode, where bins without a spot hold no ground truth) do not count in the regression
-losses (``mse`` and ``spot_poisson``): the losses are means over measured bins only. The diffusion
-loss is reduced inside :meth:`~diffst.diffusion.process.GaussianDiffusion.training_losses`, so there
-the unmeasured bins' target is set to the condition's own guess instead (x0 = 0 for residual targets:
-the interpolated LR, or the base run's prediction), which teaches nothing but "no residual where
-nothing was measured".
+losses (``mse`` and ``spot_poisson``) nor in the diffusion loss: the losses are means over measured bins
+only (:meth:`~diffst.diffusion.process.GaussianDiffusion.training_losses` takes the mask). The unmeasured
+bins' clean values are still set to the condition's own guess (x0 = 0 for residual targets), because the
+noisy input x_t the network sees there is made from them.
 """
 
 from __future__ import annotations
@@ -113,7 +112,7 @@ class DiffusionObjective:
 
     Timesteps and noise are drawn from the step's generator (on the CPU, so runs are reproducible on any
     device); the model's auxiliary losses are added with weight ``aux_weight``. Unmeasured HR bins
-    (``hr_mask`` False) get the condition's own guess as their target (see the module docstring).
+    (``hr_mask`` False) do not count in the loss (see the module docstring).
 
     Parameters
     ----------
@@ -132,20 +131,17 @@ class DiffusionObjective:
         self.diffusion = diffusion
         self.aux_weight = aux_weight
         self.base = base
-        self._warned = False
 
     def __call__(self, model, batch, entropy_threshold, generator, device):
         """See :class:`Objective`."""
         hr = batch["hr"]
         t = self.diffusion.sample_timesteps(hr.shape[0], generator=generator)
         noise = torch.randn(hr.shape, generator=generator, dtype=hr.dtype)
-        if not self._warned and batch.get("hr_mask") is not None and not bool(batch["hr_mask"].all()):
-            self._warned = True
-            log.warning("the batch has unmeasured HR bins (hr_mask); the diffusion loss cannot leave them out, so "
-                        "their target is the condition's own guess (no residual there)")
         x0, cond = _inputs(batch, entropy_threshold, self.diffusion.cfg.target, device, self.base,
                            fill_unmeasured=True)
-        terms = self.diffusion.training_losses(model, x0, t.to(device), noise=noise.to(device), model_kwargs=cond)
+        mask = hr_mask_of(batch, device, x0.dtype)
+        terms = self.diffusion.training_losses(model, x0, t.to(device), noise=noise.to(device), model_kwargs=cond,
+                                               mask=mask)
         terms["diffusion_loss"] = terms.pop("loss")
         return _with_aux(terms["diffusion_loss"], terms, self.aux_weight)
 
