@@ -317,3 +317,20 @@ def test_sub_spot_map_of_the_real_spots(self_run, visium_like, tmp_path):
     sums = block_sum(mean, 2)
     measured = np.broadcast_to(lr_mask[:, None], sums.shape)
     np.testing.assert_allclose(sums[measured], lr[measured], rtol=1e-3, atol=1e-3)
+
+
+def test_whole_slide_of_a_self_supervised_run_is_the_sub_spot_map(self_run, visium_like):
+    """``predict --input`` with a run that learnt from spots tiles the real spots as LR, one scale finer."""
+    from diffst.core.geometry import sub_spot_geometry
+    from diffst.inference.whole_slide import whole_slide_tiles
+    from diffst.runs import load_run
+
+    run = load_run(self_run)
+    assert run.dataset.self_supervised  # recorded in the checkpoint's dataset spec
+    expected = sub_spot_geometry(run.dataset.geometry)
+    with whole_slide_tiles([visium_like], run, progress=False) as path:
+        tiles = PreparedTiles(path, "test")
+        assert tiles.geometry.hr_bin_um == pytest.approx(expected.hr_bin_um)
+        assert tiles.geometry.lr_bin_um == pytest.approx(run.dataset.geometry.hr_bin_um)  # LR = the spots
+        assert json.loads((path / "dataset.json").read_text())["sub_spot"]
+        assert len(tiles) > 0 and np.asarray(tiles.lr_mask).any()

@@ -89,12 +89,16 @@ class DatasetSpec:
         Tile geometry (bins, scale, image size) of the training data.
     image_channels
         Channels of the histology image.
+    self_supervised
+        The run learnt from a spot-only slide's own spots (HR = the spots): applied to real spots, it predicts
+        the sub-spot map (:func:`~diffst.core.geometry.sub_spot_geometry`).
     """
 
     genes: list[str]
     normaliser: LogScaleNormaliser
     geometry: TileGeometry
     image_channels: int
+    self_supervised: bool = False
 
     @classmethod
     def from_tiles(cls, tiles: Any) -> DatasetSpec:
@@ -109,7 +113,8 @@ class DatasetSpec:
         -------
         DatasetSpec
         """
-        return cls(list(tiles.genes), tiles.normaliser, tiles.geometry, int(tiles.image_channels))
+        return cls(list(tiles.genes), tiles.normaliser, tiles.geometry, int(tiles.image_channels),
+                   bool(getattr(tiles, "self_supervised", False)))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DatasetSpec:
@@ -125,7 +130,7 @@ class DatasetSpec:
         DatasetSpec
         """
         return cls(list(data["genes"]), LogScaleNormaliser(**data["normaliser"]), TileGeometry(**data["geometry"]),
-                   int(data["image_channels"]))
+                   int(data["image_channels"]), bool(data.get("self_supervised", False)))
 
     def to_dict(self) -> dict[str, Any]:
         """Return the plain JSON-serialisable form.
@@ -133,11 +138,12 @@ class DatasetSpec:
         Returns
         -------
         dict
-            ``genes``, ``normaliser``, ``geometry`` and ``image_channels`` (a checkpoint's ``state.json`` holds it
-            under ``dataset``).
+            ``genes``, ``normaliser``, ``geometry``, ``image_channels`` and ``self_supervised`` (a checkpoint's
+            ``state.json`` holds it under ``dataset``; older checkpoints lack the last, read as False).
         """
         return {"genes": list(self.genes), "normaliser": self.normaliser.model_dump(),
-                "geometry": self.geometry.to_dict(), "image_channels": self.image_channels}
+                "geometry": self.geometry.to_dict(), "image_channels": self.image_channels,
+                "self_supervised": self.self_supervised}
 
 
 @dataclass

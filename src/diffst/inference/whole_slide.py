@@ -162,7 +162,9 @@ def whole_slide_tiles(samples: Sequence, run, workdir: str | Path | None = None,
     samples
         Samples read by :mod:`diffst.io` (each with its registered image).
     run
-        The trained run (:func:`diffst.runs.load_run`); its dataset spec gives genes and tile geometry.
+        The trained run (:func:`diffst.runs.load_run`); its dataset spec gives genes and tile geometry. A run
+        trained in the self-supervised mode on spots gets the samples' real spots as LR and predicts their
+        sub-spot map (:func:`~diffst.core.geometry.sub_spot_geometry`, ``prepare_dataset(sub_spot=True)``).
     workdir
         Folder for the temporary dataset (default: the system's temporary folder); removed on exit.
     stride_um
@@ -181,6 +183,11 @@ def whole_slide_tiles(samples: Sequence, run, workdir: str | Path | None = None,
         raise InputError(f"The run {run.path} records no dataset spec (genes, geometry), so a raw sample cannot be "
                          "tiled for it; prepare the sample with the run's genes and predict with --data.")
     geom = run.dataset.geometry
+    sub_spot = run.dataset.self_supervised
+    if sub_spot:  # a run that learnt from spots splits real spots: the sub-spot map, one scale finer
+        from diffst.core.geometry import sub_spot_geometry
+
+        geom = sub_spot_geometry(geom)
     if stride_um is None:
         stride_um = max(1, round(geom.tile_hr / 2)) * geom.hr_bin_um
     split = SplitSpec(test_samples=[s.name for s in samples], eval_stride_um=stride_um)
@@ -191,7 +198,8 @@ def whole_slide_tiles(samples: Sequence, run, workdir: str | Path | None = None,
         data_log.addFilter(quiet)
         try:
             path = prepare_dataset(samples, Path(tmp) / "tiles", geom, genes=list(run.dataset.genes), split=split,
-                                   min_tissue_fraction=min_tissue_fraction, progress=progress, preview=False)
+                                   min_tissue_fraction=min_tissue_fraction, progress=progress, preview=False,
+                                   sub_spot=sub_spot)
         finally:
             data_log.removeFilter(quiet)
         # The tiles hold all that prediction needs: let the samples (transcripts, image) go before it starts.
