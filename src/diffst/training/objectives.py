@@ -7,10 +7,11 @@ terms to log. It declares the names of its terms (``terms``, the per-step metric
 
 HR bins that were not measured (``hr_mask`` False in the batch: spot-only slides prepared in the
 self-supervised mode, where bins without a spot hold no ground truth) do not count in the regression
-losses (``mse`` and ``spot_poisson``) nor in the diffusion loss: the losses are means over measured bins
-only (:meth:`~diffst.diffusion.process.GaussianDiffusion.training_losses` takes the mask). The unmeasured
-bins' clean values are still set to the condition's own guess (x0 = 0 for residual targets), because the
-noisy input x_t the network sees there is made from them.
+losses (``mse`` and ``spot_poisson``): the losses are means over measured bins only. In the diffusion loss
+the unmeasured bins' target is the condition's own guess instead (x0 = 0 for residual targets: no residual
+where nothing was measured). :meth:`~diffst.diffusion.process.GaussianDiffusion.training_losses` can leave
+masked bins out (``mask=``), but then nothing ties the samples there: on HER2ST their spread off the tissue
+came out larger than the counts on it, so the objective keeps them in with that target.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ class DiffusionObjective:
 
     Timesteps and noise are drawn from the step's generator (on the CPU, so runs are reproducible on any
     device); the model's auxiliary losses are added with weight ``aux_weight``. Unmeasured HR bins
-    (``hr_mask`` False) do not count in the loss (see the module docstring).
+    (``hr_mask`` False) get the condition's own guess as their target (see the module docstring).
 
     Parameters
     ----------
@@ -139,9 +140,9 @@ class DiffusionObjective:
         noise = torch.randn(hr.shape, generator=generator, dtype=hr.dtype)
         x0, cond = _inputs(batch, entropy_threshold, self.diffusion.cfg.target, device, self.base,
                            fill_unmeasured=True)
-        mask = hr_mask_of(batch, device, x0.dtype)
-        terms = self.diffusion.training_losses(model, x0, t.to(device), noise=noise.to(device), model_kwargs=cond,
-                                               mask=mask)
+        # Unmeasured bins stay in the loss with a residual target of zero (training_losses could leave them
+        # out, mask=...): left out, nothing ties the samples there and they come out wild off the tissue.
+        terms = self.diffusion.training_losses(model, x0, t.to(device), noise=noise.to(device), model_kwargs=cond)
         terms["diffusion_loss"] = terms.pop("loss")
         return _with_aux(terms["diffusion_loss"], terms, self.aux_weight)
 
