@@ -6,7 +6,7 @@ whose density follows a smooth field, a few transcripts per cell of the model's 
 cell in the image), and a tiny model is trained on the built-in example (``preset: tiny``, 8 steps, s = 5,
 8 genes: memory is the point, not accuracy; its sampler: DDIM, 1 step, K = 2, the point estimate the mean
 of the samples, so that the 64 mm² slide predicts in minutes on 2 cores). Each measurement is a fresh
-process whose peak resident set size is read from the kernel when it ends (``os.wait4`` ``ru_maxrss``):
+process that writes its own peak resident set size (``VmHWM`` of ``/proc/self/status``) when it exits:
 
 * ``predict_input``: ``diffst predict --checkpoint RUN --input SLIDE --out slide.h5ad`` end to end (read
   the raw files, tile all tissue at a half-tile stride, predict, blend, write), what the target is about;
@@ -151,19 +151,38 @@ def _env() -> dict:
 
 
 # -- measuring ---------------------------------------------------------------------------------------------
-def measure(cmd: list[str], log: Path) -> dict:
-    """Run ``cmd`` as a child process; return its wall seconds and peak RSS (MB) from the kernel's rusage."""
+# A child's own peak: VmHWM of its address space, written when it exits. (The kernel's ru_maxrss is no good
+# here: a child inherits the parent's peak at fork and keeps it through exec, and this parent is big.)
+PEAK_AT_EXIT = """
+import atexit, os, runpy, sys
+def _report():
+    with open("/proc/self/status") as fh:
+        kb = next(int(line.split()[1]) for line in fh if line.startswith("VmHWM"))
+    with open(os.environ["BENCH_PEAK_FILE"], "w") as out:
+        out.write(str(kb))
+atexit.register(_report)
+"""
+RUN_MODULE = PEAK_AT_EXIT + """
+module = sys.argv[1]
+sys.argv = [module, *sys.argv[2:]]
+runpy.run_module(module, run_name="__main__")
+"""
+
+
+def measure(args: list[str], log: Path, code: str = RUN_MODULE) -> dict:
+    """Run ``python -c code *args`` as a child; return its wall seconds and its own peak RSS (MB, VmHWM)."""
+    peak_file = log.with_suffix(".peak")
+    peak_file.unlink(missing_ok=True)
     start = time.monotonic()
     with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=fh, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+        proc = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env={**_env(), "BENCH_PEAK_FILE":
+                              str(peak_file)}, stdout=fh, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}); see {log}")
-    return {"seconds": round(time.monotonic() - start, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+        raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}); see {log}")
+    return {"seconds": round(time.monotonic() - start, 1), "peak_rss_mb": round(int(peak_file.read_text()) / 1024, 1)}
 
 
-TILE_CHILD = """
+TILE_CHILD = PEAK_AT_EXIT + """
 import sys, shutil
 from pathlib import Path
 from diffst.io import read_sample
@@ -192,20 +211,19 @@ def bench_size(area_mm2: float, run: Path, genes: list[str], work: Path) -> dict
     row = {"area_mm2": area_mm2, "slide": info}
     tiles = work / f"tiles_{area_mm2:g}mm2"
     shutil.rmtree(tiles, ignore_errors=True)
-    row["tiling"] = measure([sys.executable, "-c", TILE_CHILD, str(slide), str(run), str(tiles)],
-                            work / f"tiling_{area_mm2:g}.log")
+    row["tiling"] = measure([str(slide), str(run), str(tiles)], work / f"tiling_{area_mm2:g}.log", TILE_CHILD)
     meta = json.loads((tiles / "dataset.json").read_text())
     row["n_tiles"] = int(meta["n_tiles"]["test"])
     print(f"[{area_mm2:g} mm²] tiling: {row['tiling']}, {row['n_tiles']} tiles", flush=True)
     out = work / f"pred_data_{area_mm2:g}.h5ad"
     out.unlink(missing_ok=True)
-    row["predict_data"] = measure([sys.executable, "-m", "diffst.cli", "predict", "--checkpoint", str(run), "--data",
+    row["predict_data"] = measure(["diffst.cli", "predict", "--checkpoint", str(run), "--data",
                                    str(tiles), "--out", str(out), "--no-evaluate", "--device", "cpu"],
                                   work / f"predict_data_{area_mm2:g}.log")
     print(f"[{area_mm2:g} mm²] predict --data: {row['predict_data']}", flush=True)
     out = work / f"pred_input_{area_mm2:g}.h5ad"
     out.unlink(missing_ok=True)
-    row["predict_input"] = measure([sys.executable, "-m", "diffst.cli", "predict", "--checkpoint", str(run),
+    row["predict_input"] = measure(["diffst.cli", "predict", "--checkpoint", str(run),
                                     "--input", str(slide), "--out", str(out), "--device", "cpu"],
                                    work / f"predict_input_{area_mm2:g}.log")
     import h5py
@@ -267,7 +285,7 @@ def main() -> None:
     import torch
 
     report = {
-        "what": "peak RSS of fresh processes (os.wait4 ru_maxrss) on synthetic Xenium-like slides",
+        "what": "peak RSS (VmHWM at exit) of fresh processes on synthetic Xenium-like slides",
         "command": " ".join(["python", "benchmarks/bench_memory.py", *sys.argv[1:]]),
         "model": "tiny preset, 8 training steps on the built-in example (s = 5, 8 genes); sampler DDIM 1 step, "
                  "K = 2, point estimate = sample mean",

@@ -311,11 +311,11 @@ def predict(
                 # The temporary tiling lives beside the output, so it lands on the same disk and is removed after.
                 workdir = out.expanduser().resolve().parent
                 workdir.mkdir(parents=True, exist_ok=True)
-                data = stack.enter_context(whole_slide_tiles(samples, run, workdir,
-                                                             stride_um=stride, min_tissue_fraction=min_tissue))
-                split, blend = "test", "window"
                 input_record = raw_input_record(samples, [input_], {k: v for k, v in options.items() if v})
-                del samples  # the tiles hold what prediction needs
+                tiling = whole_slide_tiles(samples, run, workdir, stride_um=stride, min_tissue_fraction=min_tissue)
+                del samples  # the tiling lets them go once the tiles are written: they hold what prediction needs
+                data = stack.enter_context(tiling)
+                split, blend = "test", "window"
             run, dataset, used, dev = open_prediction(checkpoint, data, split=split, sampler=overrides, device=device,
                                                       run=run)
             k = num_samples_of(run, used)

@@ -508,7 +508,8 @@ def write_h5ad_stream(dataset, source, path: str | Path, *, extra_uns: Mapping |
     code_dtype = np.int8 if len(categories) < 128 else np.int16 if len(categories) < 2**15 else np.int32
     spatial, seams, n_obs = {}, {}, 0
     add = _Appender()
-    with atomic_output(Path(path), directory=False) as tmp, h5py.File(tmp, "w") as fh:
+    # No chunk cache: rows are appended once, in order, and every dataset would keep its own cache.
+    with atomic_output(Path(path), directory=False) as tmp, h5py.File(tmp, "w", rdcc_nbytes=0) as fh:
         fh.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
         x = add.create(fh, "X", np.float32, n_genes)
         layers_group = fh.create_group("layers")
@@ -545,6 +546,7 @@ def write_h5ad_stream(dataset, source, path: str | Path, *, extra_uns: Mapping |
                 add.append(positions["spatial"], chunk.spatial)
                 add.append(positions["spatial_um"], np.column_stack([chunk.x_um, chunk.y_um]))
                 n_obs += len(chunk)
+                release_memory()  # the band's temporaries would otherwise stay on glibc's heap, fragmented
             if acc is not None:
                 seams[plan.name] = acc.result()
             spatial[plan.name] = spatial_entry(dataset, plan)

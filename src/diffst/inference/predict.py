@@ -188,6 +188,7 @@ def iter_batches(
         bounds = {} if regression else interval_bounds(counts, mean, sampler.interval_spread)
         if b % max(1, 64 // batch_size) == 0:  # pages of tiles read so far need not stay resident
             release_pages(*dataset_maps(dataset))
+            release_memory()
         yield BatchPredictions(indices=idx, mean=mean, std=std, samples_model=samples, bounds=bounds)
 
 

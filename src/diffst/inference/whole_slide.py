@@ -9,6 +9,7 @@ tile; the tiles are predicted like a prepared split and stitched with a smooth w
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -178,6 +179,7 @@ def whole_slide_tiles(samples: Sequence, run, workdir: str | Path | None = None,
         The prepared dataset; every tile is in its ``test`` split.
     """
     from diffst.data.prepare import SplitSpec, prepare_dataset
+    from diffst.inference.store import release_memory
 
     if run.dataset is None:
         raise InputError(f"The run {run.path} records no dataset spec (genes, geometry), so a raw sample cannot be "
@@ -202,8 +204,11 @@ def whole_slide_tiles(samples: Sequence, run, workdir: str | Path | None = None,
                                    sub_spot=sub_spot)
         finally:
             data_log.removeFilter(quiet)
-        # The tiles hold all that prediction needs: let the samples (transcripts, image) go before it starts.
+        # The tiles hold all that prediction needs: let the samples (transcripts, image) go before it starts,
+        # and hand the memory that reading and tiling used back to the system.
         del samples
+        gc.collect()
+        release_memory()
         yield path
 
 
