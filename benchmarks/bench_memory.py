@@ -252,6 +252,7 @@ def plot(report: dict, path: Path) -> None:
     base = rows[0]["predict_input"]["peak_rss_mb"]
     ax.axhspan(base, 1.2 * base, color="tab:blue", alpha=0.1, label="1.2x of the smallest end-to-end run")
     ax.set_xscale("log")
+    ax.minorticks_off()
     ax.set_xticks(area, [f"{a:g}" for a in area])
     ax.set_xlabel("tissue area (mm²)")
     ax.set_ylabel("peak RSS (MB)")
