@@ -120,6 +120,22 @@ def prepared_xenium(xenium_sample, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_xenium_run(prepared_xenium, tmp_path_factory):
+    """A real 4-step training run of the tiny preset on ``prepared_xenium`` (s = 5, 8 genes); read-only for tests."""
+    from diffst.config import parse_config
+    from diffst.training import train
+
+    cfg = parse_config({
+        "preset": "tiny",
+        "data": {"path": str(prepared_xenium)},
+        "train": {"steps": 4, "log_every": 1, "checkpoint_every": 4},
+        "sampler": {"method": "ddim", "steps": 2},
+        "seed": 1, "device": "cpu", "run_dir": str(tmp_path_factory.mktemp("run") / "run"),
+    }, "test")
+    return train(cfg)
+
+
+@pytest.fixture(scope="session")
 def prepared(tmp_path_factory) -> Path:
     """The built-in example prepared small dataset of the real Xenium crop (8 genes, DAPI, 5x, 20 x 20 HR tiles)."""
     from diffst.core.geometry import tile_preset

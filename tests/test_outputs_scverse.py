@@ -20,22 +20,6 @@ from diffst.inference.histology import HistologyMosaic, hires_image, mosaic_tile
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def tiny_run(prepared_xenium, tmp_path_factory):
-    """A real 4-step training run of the tiny preset on the prepared crop (s = 5, 8 genes)."""
-    from diffst.config import parse_config
-    from diffst.training import train
-
-    cfg = parse_config({
-        "preset": "tiny",
-        "data": {"path": str(prepared_xenium)},
-        "train": {"steps": 4, "log_every": 1, "checkpoint_every": 4},
-        "sampler": {"method": "ddim", "steps": 2},
-        "seed": 1, "device": "cpu", "run_dir": str(tmp_path_factory.mktemp("run") / "run"),
-    }, "test")
-    return train(cfg)
-
-
 def _predict(run, data, out, *extra):
     args = ["predict", "--checkpoint", str(run), "--data", str(data), "--out", str(out), "--samples", "2",
             "--device", "cpu", "--seed", "3", *extra]
@@ -45,17 +29,17 @@ def _predict(run, data, out, *extra):
 
 
 @pytest.fixture(scope="module")
-def h5ad_prediction(tiny_run, prepared_xenium, tmp_path_factory):
+def h5ad_prediction(tiny_xenium_run, prepared_xenium, tmp_path_factory):
     out = tmp_path_factory.mktemp("h5ad") / "pred.h5ad"
-    _predict(tiny_run, prepared_xenium, out)
+    _predict(tiny_xenium_run, prepared_xenium, out)
     return out
 
 
 @pytest.fixture(scope="module")
-def zarr_prediction(tiny_run, prepared_xenium, tmp_path_factory):
+def zarr_prediction(tiny_xenium_run, prepared_xenium, tmp_path_factory):
     pytest.importorskip("spatialdata")
     out = tmp_path_factory.mktemp("zarr") / "result.zarr"
-    _predict(tiny_run, prepared_xenium, out)
+    _predict(tiny_xenium_run, prepared_xenium, out)
     return out
 
 
@@ -136,14 +120,14 @@ def test_h5ad_carries_the_histology_for_squidpy(h5ad_prediction, prepared_xenium
     assert (tmp_path / "scanpy.png").stat().st_size > 5_000
 
 
-def test_provenance_records_checkpoint_sampler_and_hashed_inputs(h5ad_prediction, tiny_run, prepared_xenium):
+def test_provenance_records_checkpoint_sampler_and_hashed_inputs(h5ad_prediction, tiny_xenium_run, prepared_xenium):
     import anndata as ad
     import torch
 
     import diffst
 
     info = ad.read_h5ad(h5ad_prediction).uns["diffst"]
-    assert info["checkpoint"].startswith(str(tiny_run)) and info["step"] == 4 and info["weights"] == "ema"
+    assert info["checkpoint"].startswith(str(tiny_xenium_run)) and info["step"] == 4 and info["weights"] == "ema"
     assert info["seed"] == 3 and info["num_samples"] == 2
     assert (info["sampler"]["method"], info["sampler"]["steps"], info["sampler"]["num_samples"]) == ("ddim", 2, 2)
     assert info["diffst_version"] == diffst.__version__ and info["torch_version"] == torch.__version__
@@ -231,8 +215,8 @@ def test_spatialdata_plot_draws_a_gene_over_the_histology(zarr_prediction, tmp_p
     assert (tmp_path / "bins.png").stat().st_size > 5_000 and (tmp_path / "spots.png").stat().st_size > 5_000
 
 
-def test_zarr_output_is_replaced_only_when_ours(zarr_prediction, tiny_run, prepared_xenium, tmp_path):
-    args = ["predict", "--checkpoint", str(tiny_run), "--data", str(prepared_xenium), "--device", "cpu"]
+def test_zarr_output_is_replaced_only_when_ours(zarr_prediction, tiny_xenium_run, prepared_xenium, tmp_path):
+    args = ["predict", "--checkpoint", str(tiny_xenium_run), "--data", str(prepared_xenium), "--device", "cpu"]
     result = runner.invoke(app, [*args, "--out", str(zarr_prediction)])
     assert result.exit_code == 2 and "already exists; pass --overwrite" in result.output
     mine = tmp_path / "mine.zarr"
@@ -241,14 +225,14 @@ def test_zarr_output_is_replaced_only_when_ours(zarr_prediction, tiny_run, prepa
     result = runner.invoke(app, [*args, "--out", str(mine), "--overwrite"])
     assert result.exit_code == 2 and "Refusing to replace" in result.output
     assert (mine / "notes.txt").read_text() == "keep"
-    _predict(tiny_run, prepared_xenium, zarr_prediction, "--overwrite", "--no-evaluate")
+    _predict(tiny_xenium_run, prepared_xenium, zarr_prediction, "--overwrite", "--no-evaluate")
     assert sorted(p.name for p in zarr_prediction.parent.iterdir()) == ["result.metrics.json", "result.zarr"]
 
 
-def test_zarr_without_the_spatial_extra_says_how_to_install(tiny_run, prepared_xenium, tmp_path, monkeypatch):
+def test_zarr_without_the_spatial_extra_says_how_to_install(tiny_xenium_run, prepared_xenium, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "spatialdata", None)  # import spatialdata now raises ImportError
     out = tmp_path / "result.zarr"
-    result = runner.invoke(app, ["predict", "--checkpoint", str(tiny_run), "--data", str(prepared_xenium),
+    result = runner.invoke(app, ["predict", "--checkpoint", str(tiny_xenium_run), "--data", str(prepared_xenium),
                                  "--out", str(out), "--device", "cpu"])
     assert result.exit_code == 2
     assert "pip install 'diffst[spatial]'" in result.output and "spatialdata" in result.output
@@ -267,16 +251,16 @@ def test_tile_window_blends_half_shifted_tiles_evenly():
     np.testing.assert_allclose(one_axis[10:] + one_axis[:10], 1.0)  # a partition of unity at half-tile stride
 
 
-def test_whole_slide_blending_hides_tile_edges(tiny_run, xenium_crop):
+def test_whole_slide_blending_hides_tile_edges(tiny_xenium_run, xenium_crop):
     from diffst.inference.predict import predict_checkpoint, to_anndata
     from diffst.inference.whole_slide import whole_slide_tiles
     from diffst.io import read_xenium
     from diffst.runs import load_run
 
     sample = read_xenium(xenium_crop.folder, image_origin_um=xenium_crop.origin_um, **xenium_crop.read_kw)
-    run = load_run(tiny_run)
+    run = load_run(tiny_xenium_run)
     with whole_slide_tiles([sample], run, progress=False) as data:
-        dataset, preds, _ = predict_checkpoint(tiny_run, data, sampler={"num_samples": 2}, device="cpu",
+        dataset, preds, _ = predict_checkpoint(tiny_xenium_run, data, sampler={"num_samples": 2}, device="cpu",
                                                progress=False, run=run)
         window = to_anndata(dataset, preds, blend="window")
         mean = to_anndata(dataset, preds, blend="mean")
@@ -308,11 +292,11 @@ def test_window_blend_removes_the_steps_that_averaging_leaves():
     assert jumps["window"]["seam_mean_abs_diff"] < 0.5 * jumps["mean"]["seam_mean_abs_diff"]
 
 
-def test_predict_cli_from_raw_input(tiny_run, xenium_crop, tmp_path):
+def test_predict_cli_from_raw_input(tiny_xenium_run, xenium_crop, tmp_path):
     import anndata as ad
 
     out = tmp_path / "slide.h5ad"
-    args = ["predict", "--checkpoint", str(tiny_run), "--input", str(xenium_crop.folder), "--image-origin",
+    args = ["predict", "--checkpoint", str(tiny_xenium_run), "--input", str(xenium_crop.folder), "--image-origin",
             ",".join(f"{v:g}" for v in xenium_crop.origin_um), "--out", str(out), "--samples", "2", "--device", "cpu"]
     if "pixel_size_um" in xenium_crop.read_kw:
         args += ["--pixel-size", str(xenium_crop.read_kw["pixel_size_um"])]
@@ -326,7 +310,7 @@ def test_predict_cli_from_raw_input(tiny_run, xenium_crop, tmp_path):
     assert all(len(h) == 64 for h in info["input"]["files"]["sha256"])
     # Only the prediction is left: the temporary tiling beside it is gone, and no metrics for a whole slide.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["slide.h5ad"]
-    result = runner.invoke(app, ["predict", "--checkpoint", str(tiny_run), "--out", str(tmp_path / "x.h5ad")])
+    result = runner.invoke(app, ["predict", "--checkpoint", str(tiny_xenium_run), "--out", str(tmp_path / "x.h5ad")])
     assert result.exit_code == 2 and "either --data" in result.output
 
 

@@ -26,22 +26,6 @@ from diffst.inference.store import TileStore, store_path
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def tiny_run(prepared_xenium, tmp_path_factory):
-    """A real 4-step training run of the tiny preset on the prepared crop (s = 5, 8 genes)."""
-    from diffst.config import parse_config
-    from diffst.training import train
-
-    cfg = parse_config({
-        "preset": "tiny",
-        "data": {"path": str(prepared_xenium)},
-        "train": {"steps": 4, "log_every": 1, "checkpoint_every": 4},
-        "sampler": {"method": "ddim", "steps": 2},
-        "seed": 1, "device": "cpu", "run_dir": str(tmp_path_factory.mktemp("run") / "run"),
-    }, "test")
-    return train(cfg)
-
-
 # ---- the store on its own -------------------------------------------------------------------------------
 
 
@@ -115,13 +99,13 @@ def test_band_stitching_equals_whole_grid_stitching():
             assert banded[key] == pytest.approx(whole[key], rel=1e-12)
 
 
-def test_streamed_h5ad_equals_the_in_memory_anndata(tiny_run, prepared_xenium, tmp_path):
+def test_streamed_h5ad_equals_the_in_memory_anndata(tiny_xenium_run, prepared_xenium, tmp_path):
     import anndata as ad
 
     from diffst.inference.output import MemoryTiles, write_h5ad_stream
     from diffst.inference.predict import predict_checkpoint, to_anndata
 
-    dataset, preds, _ = predict_checkpoint(tiny_run, prepared_xenium, sampler={"num_samples": 2}, device="cpu",
+    dataset, preds, _ = predict_checkpoint(tiny_xenium_run, prepared_xenium, sampler={"num_samples": 2}, device="cpu",
                                            progress=False, keep_samples=False)
     assert preds.samples_model is None and preds.num_samples == 2
     for blend in ("mean", "window"):
@@ -181,12 +165,12 @@ def _same_prediction(a, b):
     pd.testing.assert_frame_equal(a.obs, b.obs)
 
 
-def test_interrupted_predict_resumes_from_finished_tiles(tiny_run, prepared_xenium, tmp_path, monkeypatch,
+def test_interrupted_predict_resumes_from_finished_tiles(tiny_xenium_run, prepared_xenium, tmp_path, monkeypatch,
                                                          one_thread):
     import diffst.inference.predict as predict_module
 
     whole = tmp_path / "whole.h5ad"
-    result = runner.invoke(app, _predict_args(tiny_run, prepared_xenium, whole))
+    result = runner.invoke(app, _predict_args(tiny_xenium_run, prepared_xenium, whole))
     assert result.exit_code == 0, result.output
     assert "Resumed" not in result.output and not store_path(whole).exists()  # removed once written
 
@@ -201,7 +185,7 @@ def test_interrupted_predict_resumes_from_finished_tiles(tiny_run, prepared_xeni
 
     out = tmp_path / "pred.h5ad"
     monkeypatch.setattr(predict_module, "predict_to_store", interrupted)
-    result = runner.invoke(app, _predict_args(tiny_run, prepared_xenium, out))
+    result = runner.invoke(app, _predict_args(tiny_xenium_run, prepared_xenium, out))
     assert result.exit_code == 130
     assert "1 finished tiles are kept" in result.output
     assert not out.exists() and sorted(p.name for p in store_path(out).iterdir()) == \
@@ -211,30 +195,30 @@ def test_interrupted_predict_resumes_from_finished_tiles(tiny_run, prepared_xeni
     assert manifest["identity"]["run"]["sha256"] and manifest["identity"]["input"]["arrays_sha256"]["lr_counts"]
 
     monkeypatch.setattr(predict_module, "predict_to_store", real)
-    result = runner.invoke(app, _predict_args(tiny_run, prepared_xenium, out))
+    result = runner.invoke(app, _predict_args(tiny_xenium_run, prepared_xenium, out))
     assert result.exit_code == 0, result.output
     assert "Resumed: 1 of 3 tiles were already predicted" in result.output
     assert not store_path(out).exists()
     _same_prediction(out, whole)  # bit for bit
 
 
-def test_rerun_with_another_seed_does_not_reuse_tiles(tiny_run, prepared_xenium, tmp_path, one_thread):
+def test_rerun_with_another_seed_does_not_reuse_tiles(tiny_xenium_run, prepared_xenium, tmp_path, one_thread):
     out = tmp_path / "pred.h5ad"
     with TileStore.open(store_path(out), {"made by": "an older setup"}) as store:
         store.write(0, {"mean": np.full((8, 20, 20), 1e6, np.float32), "std": np.zeros((8, 20, 20), np.float32)})
-    result = runner.invoke(app, _predict_args(tiny_run, prepared_xenium, out, "--seed", "4"))
+    result = runner.invoke(app, _predict_args(tiny_xenium_run, prepared_xenium, out, "--seed", "4"))
     assert result.exit_code == 0, result.output
     assert "Resumed" not in result.output and not store_path(out).exists()
     fresh = tmp_path / "fresh.h5ad"
-    assert runner.invoke(app, _predict_args(tiny_run, prepared_xenium, fresh, "--seed", "4")).exit_code == 0
+    assert runner.invoke(app, _predict_args(tiny_xenium_run, prepared_xenium, fresh, "--seed", "4")).exit_code == 0
     _same_prediction(out, fresh)
 
 
-def test_predict_resumes_after_kill_9(tiny_run, prepared_xenium, tmp_path):
+def test_predict_resumes_after_kill_9(tiny_xenium_run, prepared_xenium, tmp_path):
     """A real ``kill -9`` of ``diffst predict`` mid-way; the rerun reuses the finished tiles, same output."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     # Enough sampler steps that a tile takes a noticeable time, so that the kill lands between tiles.
-    args = [sys.executable, "-m", "diffst.cli", *_predict_args(tiny_run, prepared_xenium, "OUT", "--steps", "40")]
+    args = [sys.executable, "-m", "diffst.cli", *_predict_args(tiny_xenium_run, prepared_xenium, "OUT", "--steps", "40")]
 
     def command(out):
         return [str(out) if a == "OUT" else a for a in args]

@@ -105,13 +105,39 @@ def display_rgb(image: np.ndarray) -> np.ndarray:
     return np.repeat(image[..., :1], 3, axis=2)
 
 
-def hires_image(mosaic: HistologyMosaic, um_to_px: np.ndarray, max_side: int = HIRES_MAX_SIDE,
-                ) -> tuple[np.ndarray, float]:
+def full_resolution_extent(extent_um: tuple[float, float, float, float], um_to_px: np.ndarray,
+                           ) -> tuple[float, float, float]:
+    """Place a micron rectangle in the full-resolution image: its far corner and the image's pixel size.
+
+    Returns
+    -------
+    tuple
+        ``(far_x, far_y, full_px_um)``: the largest full-resolution pixel coordinates of the rectangle's
+        corners and the microns per full-resolution pixel.
+
+    Raises
+    ------
+    InputError
+        If the rectangle lies at negative pixel coordinates (a wrong image placement).
+    """
+    um_to_px = np.asarray(um_to_px, float)
+    x0, y0, x1, y1 = extent_um
+    corners_px = np.array([[x0, y0, 1], [x1, y0, 1], [x0, y1, 1], [x1, y1, 1]]) @ um_to_px.T
+    far_x, far_y = corners_px[:, 0].max(), corners_px[:, 1].max()
+    if not (far_x > 0 and far_y > 0):
+        raise InputError(f"The predicted region ({x0:.0f}-{x1:.0f} x {y0:.0f}-{y1:.0f} µm) lies outside its sample's "
+                         "image (negative pixel coordinates); the sample's image placement (um_to_px) is wrong.")
+    return float(far_x), float(far_y), float(np.sqrt(abs(np.linalg.det(um_to_px[:2, :2])))) ** -1
+
+
+def hires_image(mosaic: HistologyMosaic, um_to_px: np.ndarray, max_side: int = HIRES_MAX_SIDE, *,
+                strip_rows: int = 128, hold_edges: bool = False) -> tuple[np.ndarray, float]:
     """Resample a mosaic into the full-resolution image's pixel frame, scaled down, for ``uns['spatial']``.
 
     The result covers full-resolution pixels from (0, 0) to the far corner of the mosaic, so that a bin at
     ``obsm['spatial']`` (full-resolution pixels) lies at ``obsm['spatial'] * scalef`` in it, as scanpy and
-    squidpy assume; any affine placement (rotation, flip) of the slide image is honoured.
+    squidpy assume; any affine placement (rotation, flip) of the slide image is honoured. It is resampled
+    ``strip_rows`` rows at a time, so no full-size temporaries are made.
 
     Parameters
     ----------
@@ -121,6 +147,11 @@ def hires_image(mosaic: HistologyMosaic, um_to_px: np.ndarray, max_side: int = H
         (3, 3) affine map from slide microns to full-resolution image pixels (the sample's ``um_to_px``).
     max_side
         Longest side of the result in pixels; it is never finer than the mosaic itself.
+    strip_rows
+        Rows of the result resampled at a time.
+    hold_edges
+        Hires pixels within half a mosaic pixel of the mosaic's outer edge take the edge pixel's value
+        instead of fading into the background (for a mosaic coarser than its tiles' images).
 
     Returns
     -------
@@ -131,28 +162,32 @@ def hires_image(mosaic: HistologyMosaic, um_to_px: np.ndarray, max_side: int = H
     from scipy.ndimage import map_coordinates
 
     um_to_px = np.asarray(um_to_px, float)
-    x0, y0, x1, y1 = mosaic.extent_um()
-    corners_um = np.array([[x0, y0, 1], [x1, y0, 1], [x0, y1, 1], [x1, y1, 1]])
-    corners_px = corners_um @ um_to_px.T
-    far_x, far_y = corners_px[:, 0].max(), corners_px[:, 1].max()
-    if not (far_x > 0 and far_y > 0):
-        raise InputError(f"The predicted region ({x0:.0f}-{x1:.0f} x {y0:.0f}-{y1:.0f} µm) lies outside its sample's "
-                         "image (negative pixel coordinates); the sample's image placement (um_to_px) is wrong.")
-    full_px_um = float(np.sqrt(abs(np.linalg.det(um_to_px[:2, :2])))) ** -1
+    far_x, far_y, full_px_um = full_resolution_extent(mosaic.extent_um(), um_to_px)
     # No finer than the mosaic (upsampling adds nothing), and no larger than max_side.
     scalef = min(max_side / max(far_x, far_y), full_px_um / mosaic.um_per_px)
     width, height = max(1, int(np.ceil(far_x * scalef))), max(1, int(np.ceil(far_y * scalef)))
-    # Centre of each hires pixel -> full-resolution pixel -> microns -> mosaic pixel (centre-based indices).
-    cols, rows = np.meshgrid(np.arange(width) + 0.5, np.arange(height) + 0.5)
-    px = np.stack([cols.ravel() / scalef, rows.ravel() / scalef, np.ones(cols.size)])
-    um = np.linalg.inv(um_to_px) @ px
-    mx = (um[0] - mosaic.x0_um) / mosaic.um_per_px - 0.5
-    my = (um[1] - mosaic.y0_um) / mosaic.um_per_px - 0.5
-    rgb = display_rgb(mosaic.image)
-    background = background_value(mosaic.image.shape[2])
+    inverse = np.linalg.inv(um_to_px)
+    background = float(background_value(mosaic.image.shape[2]))
+    # The display channels (grey shown as RGB: one plane, copied); uint8 planes are interpolated in double
+    # precision as float32 ones would be, without a float copy of the mosaic.
+    grey = mosaic.image.shape[2] != 3  # display_rgb shows the first channel as grey
+    planes = [np.ascontiguousarray(mosaic.image[..., ch]) for ch in range(1 if grey else 3)]
     out = np.empty((height, width, 3), np.uint8)
-    for ch in range(3):
-        values = map_coordinates(rgb[..., ch].astype(np.float32), [my, mx], order=1, mode="constant",
-                                 cval=float(background))
-        out[..., ch] = np.clip(np.round(values), 0, 255).astype(np.uint8).reshape(height, width)
+    for top in range(0, height, strip_rows):
+        bottom = min(top + strip_rows, height)
+        # Centre of each hires pixel -> full-resolution pixel -> microns -> mosaic pixel (centre-based indices).
+        cols, rows = np.meshgrid(np.arange(width) + 0.5, np.arange(top, bottom) + 0.5)
+        px = np.stack([cols.ravel() / scalef, rows.ravel() / scalef, np.ones(cols.size)])
+        um = inverse @ px
+        mx = (um[0] - mosaic.x0_um) / mosaic.um_per_px - 0.5
+        my = (um[1] - mosaic.y0_um) / mosaic.um_per_px - 0.5
+        if hold_edges:
+            for coord, n in ((mx, mosaic.image.shape[1]), (my, mosaic.image.shape[0])):
+                rim = (coord >= -0.5) & (coord <= n - 0.5)
+                coord[rim] = np.clip(coord[rim], 0, n - 1)
+        for ch, plane in enumerate(planes):
+            values = map_coordinates(plane, [my, mx], output=np.float64, order=1, mode="constant", cval=background)
+            strip = np.clip(np.round(values), 0, 255).astype(np.uint8).reshape(bottom - top, width)
+            for target in ((0, 1, 2) if grey else (ch,)):
+                out[top:bottom, :, target] = strip
     return out, float(scalef)

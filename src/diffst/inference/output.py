@@ -258,8 +258,8 @@ def slide_histology(tissue, x0_um: np.ndarray, y0_um: np.ndarray, tile_um: float
     Like :func:`diffst.inference.histology.mosaic_tiles` followed by
     :func:`~diffst.inference.histology.hires_image`, but each tile image is first averaged over d x d pixel
     blocks, d the largest divisor of the tile's side that keeps the mosaic at least as fine as the hires
-    image (d = 1, the same result, whenever the mosaic is small enough), and the hires image is resampled
-    in strips of rows: memory stays near that of the hires image (at most ``max_side`` pixels a side).
+    image (d = 1, the same result, whenever the mosaic is small enough): memory stays near that of the hires
+    image (at most ``max_side`` pixels a side).
 
     Returns
     -------
@@ -267,7 +267,13 @@ def slide_histology(tissue, x0_um: np.ndarray, y0_um: np.ndarray, tile_um: float
         ``(image, scalef, mosaic_um_per_px)``: (H, W, 3) uint8, ``tissue_hires_scalef`` and the microns per
         pixel of the mosaic it was resampled from.
     """
-    from diffst.inference.histology import HIRES_MAX_SIDE, HistologyMosaic, background_value
+    from diffst.inference.histology import (
+        HIRES_MAX_SIDE,
+        HistologyMosaic,
+        background_value,
+        full_resolution_extent,
+        hires_image,
+    )
 
     max_side = HIRES_MAX_SIDE if max_side is None else max_side
     n_tiles, channels, side, _ = tissue.shape
@@ -278,10 +284,8 @@ def slide_histology(tissue, x0_um: np.ndarray, y0_um: np.ndarray, tile_um: float
     # The hires image's pixel in microns when max_side caps it (as hires_image decides, from the mosaic extent).
     gx0, gy0 = float(np.min(x0_um)), float(np.min(y0_um))
     x1, y1 = float(np.max(x0_um)) + tile_um, float(np.max(y0_um)) + tile_um
-    corners = np.array([[gx0, gy0, 1], [x1, gy0, 1], [gx0, y1, 1], [x1, y1, 1]]) @ um_to_px.T
-    far = max(corners[:, 0].max(), corners[:, 1].max())
-    full_px_um = float(np.sqrt(abs(np.linalg.det(um_to_px[:2, :2])))) ** -1
-    hires_um = full_px_um * far / max_side if far > 0 else native
+    far_x, far_y, full_px_um = full_resolution_extent((gx0, gy0, x1, y1), um_to_px)
+    hires_um = full_px_um * max(far_x, far_y) / max_side
     factor = max(d for d in _divisors(side) if d == 1 or native * d <= hires_um)
     small = side // factor
     um_per_px = tile_um / small
@@ -308,56 +312,8 @@ def slide_histology(tissue, x0_um: np.ndarray, y0_um: np.ndarray, tile_um: float
     del total, count
     mosaic = HistologyMosaic(mosaic_image, gx0, gy0, um_per_px, covered)
     # A coarser mosaic's last pixel centre lies further inside its edge: hold the edge value out to the edge.
-    image, scalef = hires_in_strips(mosaic, um_to_px, max_side, hold_edges=factor > 1)
+    image, scalef = hires_image(mosaic, um_to_px, max_side, hold_edges=factor > 1)
     return image, scalef, um_per_px
-
-
-def hires_in_strips(mosaic, um_to_px: np.ndarray, max_side: int, strip_rows: int = 128,
-                    hold_edges: bool = False) -> tuple[np.ndarray, float]:
-    """Run :func:`diffst.inference.histology.hires_image`, resampled ``strip_rows`` rows at a time (same result).
-
-    With ``hold_edges``, hires pixels within half a mosaic pixel of the mosaic's outer edge take the edge
-    pixel's value instead of fading into the background.
-    """
-    from scipy.ndimage import map_coordinates
-
-    from diffst.inference.histology import background_value
-
-    um_to_px = np.asarray(um_to_px, float)
-    x0, y0, x1, y1 = mosaic.extent_um()
-    corners_um = np.array([[x0, y0, 1], [x1, y0, 1], [x0, y1, 1], [x1, y1, 1]])
-    corners_px = corners_um @ um_to_px.T
-    far_x, far_y = corners_px[:, 0].max(), corners_px[:, 1].max()
-    if not (far_x > 0 and far_y > 0):
-        raise InputError(f"The predicted region ({x0:.0f}-{x1:.0f} x {y0:.0f}-{y1:.0f} µm) lies outside its sample's "
-                         "image (negative pixel coordinates); the sample's image placement (um_to_px) is wrong.")
-    full_px_um = float(np.sqrt(abs(np.linalg.det(um_to_px[:2, :2])))) ** -1
-    scalef = min(max_side / max(far_x, far_y), full_px_um / mosaic.um_per_px)
-    width, height = max(1, int(np.ceil(far_x * scalef))), max(1, int(np.ceil(far_y * scalef)))
-    inverse = np.linalg.inv(um_to_px)
-    background = float(background_value(mosaic.image.shape[2]))
-    # The display channels (grey shown as RGB: one plane, copied); uint8 planes are interpolated in double
-    # precision as float32 ones would be, without a float copy of the mosaic.
-    grey = mosaic.image.shape[2] != 3  # display_rgb shows the first channel as grey
-    planes = [np.ascontiguousarray(mosaic.image[..., ch]) for ch in range(1 if grey else 3)]
-    out = np.empty((height, width, 3), np.uint8)
-    for top in range(0, height, strip_rows):
-        bottom = min(top + strip_rows, height)
-        cols, rows = np.meshgrid(np.arange(width) + 0.5, np.arange(top, bottom) + 0.5)
-        px = np.stack([cols.ravel() / scalef, rows.ravel() / scalef, np.ones(cols.size)])
-        um = inverse @ px
-        mx = (um[0] - mosaic.x0_um) / mosaic.um_per_px - 0.5
-        my = (um[1] - mosaic.y0_um) / mosaic.um_per_px - 0.5
-        if hold_edges:
-            for coord, n in ((mx, mosaic.image.shape[1]), (my, mosaic.image.shape[0])):
-                rim = (coord >= -0.5) & (coord <= n - 0.5)
-                coord[rim] = np.clip(coord[rim], 0, n - 1)
-        for ch, plane in enumerate(planes):
-            values = map_coordinates(plane, [my, mx], output=np.float64, order=1, mode="constant", cval=background)
-            strip = np.clip(np.round(values), 0, 255).astype(np.uint8).reshape(bottom - top, width)
-            for target in ((0, 1, 2) if grey else (ch,)):
-                out[top:bottom, :, target] = strip
-    return out, float(scalef)
 
 
 def spatial_entry(dataset, plan: SamplePlan) -> dict[str, Any]:

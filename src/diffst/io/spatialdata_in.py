@@ -38,7 +38,6 @@ Microns then come from
 
 from __future__ import annotations
 
-import importlib
 import logging
 import re
 from collections.abc import Sequence
@@ -58,7 +57,6 @@ from diffst.io.xenium import CONTROL_PREFIXES
 
 log = logging.getLogger("diffst.io")
 
-SPATIAL_EXTRA = "pip install 'diffst[spatial]'"
 ELEMENT_KINDS = ("images", "labels", "points", "shapes", "tables")
 _FEATURE_COLUMNS = ("feature_name", "gene", "target", "gene_name")
 # Image element names in order of preference (exact name or suffix).
@@ -69,13 +67,9 @@ _HD_BIN = re.compile(r"square_(\d+)um")
 
 def _require(module: str) -> Any:
     """Import a package of the ``spatial`` extra, or say how to install it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise InputError(
-            f"Reading a SpatialData store (.zarr) needs the optional package '{module.split('.')[0]}', which is not "
-            f"installed ({exc}). Install the extra with: {SPATIAL_EXTRA}; or pass the platform's own output folder."
-        ) from None
+    from diffst.io.spatialdata_out import require_spatial
+
+    return require_spatial(module, action="Reading", instead="pass the platform's own output folder")
 
 
 # ---------------------------------------------------------------------------------------------- detection

@@ -48,8 +48,12 @@ INSTANCE_KEY = "instance_id"
 PYRAMID_ABOVE_PX = 4096
 
 
-def require_spatial(module: str = "spatialdata") -> Any:
+def require_spatial(module: str = "spatialdata", *, action: str = "Writing",
+                    instead: str = "write AnnData with --out NAME.h5ad") -> Any:
     """Import an optional package of the ``spatial`` extra, or say how to install it.
+
+    ``action`` (``"Writing"`` / ``"Reading"``) and ``instead`` (what works without the extra) go into the
+    message.
 
     Raises
     ------
@@ -60,8 +64,8 @@ def require_spatial(module: str = "spatialdata") -> Any:
         return importlib.import_module(module)
     except ImportError as exc:
         raise InputError(
-            f"Writing a SpatialData store (.zarr) needs the optional package '{module.split('.')[0]}', which is not "
-            f"installed ({exc}). Install the extra with: {SPATIAL_EXTRA}; or write AnnData with --out NAME.h5ad."
+            f"{action} a SpatialData store (.zarr) needs the optional package '{module.split('.')[0]}', which is not "
+            f"installed ({exc}). Install the extra with: {SPATIAL_EXTRA}; or {instead}."
         ) from None
 
 
