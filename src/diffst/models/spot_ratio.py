@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffst.diffusion.target import lr_on_hr_grid
 from diffst.models.base import Denoiser, DenoiserOutput
 
 __all__ = ["LinearPrior", "SpotRatioModel", "bin_image_features", "fit_linear_prior"]
@@ -38,7 +39,7 @@ def _gaussian_blur(x: Tensor, sigma: float) -> Tensor:
     return F.conv2d(x, kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
 
-def bin_image_features(tissue: Tensor, hr_shape: tuple[int, int], standardise: bool = True) -> Tensor:
+def bin_image_features(tissue: Tensor, hr_shape: tuple[int, int]) -> Tensor:
     """Standardised per-bin image statistics of a batch of tiles.
 
     Parameters
@@ -66,8 +67,6 @@ def bin_image_features(tissue: Tensor, hr_shape: tuple[int, int], standardise: b
         padded = F.pad(stats, [size // 2] * 4, mode="replicate")
         parts.append(F.avg_pool2d(padded, size, stride=1))
     feats = torch.cat(parts, dim=1)
-    if not standardise:
-        return feats
     centre = feats.mean(dim=(-2, -1), keepdim=True)
     spread = feats.std(dim=(-2, -1), keepdim=True).clamp_min(1e-3)
     return (feats - centre) / spread
@@ -149,8 +148,7 @@ class LinearPrior(nn.Module):
         # Counts expm1(pred) (as the ridge predicts them) become softmax log-weights (the floor keeps a bin the
         # ridge calls empty a small share), minus the default prior that the spot-ratio output adds back
         # (diffst.runs.regression_output: log1p counts of the LR maps interpolated in model space).
-        default = (F.interpolate(lr, size=hr_shape, mode="bicubic", align_corners=False) + 1.0) * 0.5 \
-            * self.log1p_scale.view(1, -1, 1, 1)
+        default = (lr_on_hr_grid(lr, hr_shape) + 1.0) * 0.5 * self.log1p_scale.view(1, -1, 1, 1)
         return torch.log(torch.expm1(pred.clamp(0.0, 20.0)) + 0.01) - default
 
 
