@@ -129,3 +129,10 @@ def test_cli_rejects_unknown_test_sample(tmp_path):
     result = runner.invoke(app, ["benchmark", "--example", "--test-sample", "C9", "--out", str(tmp_path / "b")])
     assert result.exit_code == 2
     assert "C9" in result.output and "names no sample" in result.output
+
+
+def test_cli_tile_lr_needs_the_self_supervised_mode(tmp_path):
+    result = runner.invoke(app, ["benchmark", "--example", "--tile-lr", "4", "--out", str(tmp_path / "b")])
+    assert result.exit_code == 2
+    assert "--tile-lr" in result.output and "--self-supervised" in result.output
+    assert not (tmp_path / "b").exists()  # refused before any work
