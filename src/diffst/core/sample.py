@@ -8,7 +8,7 @@ Both live in the slide's micron frame, the same frame ``SlideImage.um_to_px`` ma
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,6 +20,8 @@ from diffst.errors import GeometryError, InputError
 
 log = logging.getLogger("diffst.data")
 
+#: Transcripts per chunk where a whole slide's coordinates are scanned (:meth:`Sample.xy_chunks`): 1 MB of float64.
+XY_CHUNK_ROWS = 1 << 16
 # Sample.check_placement: the first pixel-size search covers factors 0.1x-10x, exp(step) = 15.5 % apart.
 _SCALE_STEP = float(np.log(10.0) / 16)
 
@@ -104,12 +106,11 @@ class Sample:
             missing = {"gene", "x_um", "y_um"} - set(self.transcripts.columns)
             if missing:
                 raise InputError(f"Transcript table lacks columns {sorted(missing)}; expected gene, x_um, y_um.")
-            xy = self.transcripts[["x_um", "y_um"]].to_numpy()
-            bad = ~np.isfinite(xy).all(axis=1)
-            if bad.any():
+            n_bad = sum(int((~(np.isfinite(xy[:, 0]) & np.isfinite(xy[:, 1]))).sum()) for xy in self.xy_chunks())
+            if n_bad:
                 raise GeometryError(
-                    f"Transcript coordinates contain NaN or infinite values in {int(bad.sum())} of {len(xy)} rows; "
-                    "drop or fix those rows."
+                    f"Transcript coordinates contain NaN or infinite values in {n_bad} of {len(self.transcripts)} "
+                    "rows; drop or fix those rows."
                 )
 
     # ------------------------------------------------------------------------------------------
@@ -124,12 +125,27 @@ class Sample:
             return self.transcripts[["x_um", "y_um"]].to_numpy(dtype=float)
         return self.spots.xy_um
 
+    def xy_chunks(self, rows: int = XY_CHUNK_ROWS) -> Iterator[np.ndarray]:
+        """Coordinates of the transcripts (or spots) ``rows`` at a time, (k, 2) float64 microns each.
+
+        What :meth:`xy_um` holds, without a float64 copy of a whole slide's transcripts (16 bytes each).
+        """
+        if self.transcripts is None:
+            yield self.spots.xy_um
+            return
+        x, y = self.transcripts["x_um"].to_numpy(), self.transcripts["y_um"].to_numpy()
+        for start in range(0, len(x), rows):
+            yield np.column_stack([x[start : start + rows], y[start : start + rows]]).astype(float, copy=False)
+
     def extent_um(self) -> tuple[float, float, float, float]:
         """(xmin, ymin, xmax, ymax) of the expression data in microns."""
-        xy = self.xy_um()
-        if len(xy) == 0:
+        if self.transcripts is not None:  # the stored columns' own extremes: the same numbers as float64
+            x, y = self.transcripts["x_um"].to_numpy(), self.transcripts["y_um"].to_numpy()
+        else:
+            x, y = self.spots.xy_um[:, 0], self.spots.xy_um[:, 1]
+        if len(x) == 0:
             raise InputError(f"Sample {self.name} has no transcripts or spots.")
-        return float(xy[:, 0].min()), float(xy[:, 1].min()), float(xy[:, 0].max()), float(xy[:, 1].max())
+        return float(x.min()), float(y.min()), float(x.max()), float(y.max())
 
     def gene_totals(self) -> pd.Series:
         """Total counts per gene, indexed by gene name."""
@@ -159,10 +175,13 @@ class Sample:
         """
         if self.image is None:
             return
-        xy = self.xy_um()
-        inside = self.image.contains_um(xy)
-        n_out = int((~inside).sum())
-        frac_out = n_out / max(len(xy), 1)
+        n_all = n_out = n_neg = 0
+        for xy in self.xy_chunks():  # a chunk at a time: a whole slide's float64 copies would cost ~60 B/transcript
+            outside = ~self.image.contains_um(xy)
+            n_all += len(xy)
+            n_out += int(outside.sum())
+            n_neg += int((xy < 0).any(axis=1).sum())
+        frac_out = n_out / max(n_all, 1)
         what = "transcripts" if self.has_points else "spots"
         if frac_out > tolerance:
             x0, y0, x1, y1 = self.image.extent_um()
@@ -177,14 +196,14 @@ class Sample:
             )
         if n_out and not self._warned_outside:
             self._warned_outside = True  # prepare_dataset checks again; say it once
-            n_neg = int((xy < 0).any(axis=1).sum())
             log.warning(
                 "%d of %d %s (%.2f%%) of sample %s fall outside its image (%d with negative coordinates); they are "
-                "dropped when tiling.", n_out, len(xy), what, 100 * frac_out, self.name, n_neg,
+                "dropped when tiling.", n_out, n_all, what, 100 * frac_out, self.name, n_neg,
             )
-        if self.spots is not None and self.spots.pitch_um and len(xy) > 3:
+        if self.spots is not None and self.spots.pitch_um and n_all > 3:
             from scipy.spatial import cKDTree
 
+            xy = self.spots.xy_um
             dist, _ = cKDTree(xy).query(xy, k=2)
             spacing = float(np.median(dist[:, 1]))
             # Hexagonal (Visium) and square (legacy ST) arrays: nearest neighbour = pitch.
@@ -228,8 +247,15 @@ class Sample:
         """
         if self.image is None or not self.has_points or len(self.transcripts) < 1000:
             return {}
-        xy = self.xy_um()
-        xy = xy[:: max(1, len(xy) // 500_000)]  # a full slide holds tens of millions
+        step = max(1, len(self.transcripts) // 500_000)  # a full slide holds tens of millions
+        # Strided views of the stored columns, turned into float64 (n, 2) a chunk at a time.
+        xs, ys = self.transcripts["x_um"].to_numpy()[::step], self.transcripts["y_um"].to_numpy()[::step]
+
+        def xy_parts() -> Iterator[np.ndarray]:
+            for start in range(0, len(xs), XY_CHUNK_ROWS):
+                yield np.column_stack([xs[start : start + XY_CHUNK_ROWS], ys[start : start + XY_CHUNK_ROWS]]
+                                      ).astype(float)
+
         view = self.image.overview(max_side=512).astype(np.float32).mean(axis=-1)
         signal = (255.0 - view if self.image.is_rgb else view).ravel()  # H&E: tissue and nuclei are dark
         rows, cols = self.image.shape_px
@@ -246,24 +272,30 @@ class Sample:
         w, h = x1 - x0, y1 - y0
         # Bins span the transcripts and the image as given or shifted; the parts of an enlarged image beyond
         # them hold no transcripts and are left out.
-        lo = np.minimum(xy.min(axis=0), [x0 - w / 4, y0 - h / 4])
-        hi = np.maximum(xy.max(axis=0), [x1 + w / 4, y1 + h / 4])
-        reach = float(np.abs(xy - corner[:, 0]).max())  # how far a wrong scale moves the farthest transcripts
+        data_lo = np.array([xs.min(), ys.min()], dtype=float)
+        data_hi = np.array([xs.max(), ys.max()], dtype=float)
+        lo = np.minimum(data_lo, [x0 - w / 4, y0 - h / 4])
+        hi = np.maximum(data_hi, [x1 + w / 4, y1 + h / 4])
+        # How far a wrong scale moves the farthest transcripts.
+        reach = max(float(np.abs(part - corner[:, 0]).max()) for part in xy_parts())
         fine = max(30.0, reach / 200, float(np.max(hi - lo)) / 400, 4 * float(np.sqrt(sample_area)))
         stages = [(_SCALE_STEP, max(fine, reach * _SCALE_STEP / 2.5))]  # (log step, bin µm)
         while stages[-1][1] > fine or stages[-1][0] > 0.05:
             step = stages[-1][0] / 4
             stages.append((step, max(fine, reach * step / 2.5)))
         same = 1.5 * stages[-1][0]  # |log factor| below this: the given pixel size within the search's precision
-        need = 0.5 * len(xy)
+        need = 0.5 * len(xs)
         grids: dict[float, tuple] = {}
 
         def correlation(um: np.ndarray, factor: float, bin_um: float) -> float | None:
             """Correlation r of image signal and transcript density over the bins the image covers at least half of."""
             if bin_um not in grids:
                 shape = (np.floor((hi - lo) / bin_um) + 1).astype(int)
-                ij = np.floor((xy - lo) / bin_um).astype(np.int64)
-                grids[bin_um] = shape, np.bincount(ij[:, 1] * shape[0] + ij[:, 0], minlength=shape.prod())
+                density = np.zeros(shape.prod(), dtype=np.int64)
+                for part in xy_parts():
+                    ij = np.floor((part - lo) / bin_um).astype(np.int64)
+                    density += np.bincount(ij[:, 1] * shape[0] + ij[:, 0], minlength=shape.prod())
+                grids[bin_um] = shape, density
             (nx, ny), density = grids[bin_um]
             ij = np.floor((um - lo[:, None]) / bin_um).astype(np.int64)
             keep = (ij[0] >= 0) & (ij[0] < nx) & (ij[1] >= 0) & (ij[1] < ny)

@@ -80,26 +80,48 @@ class TileArrays:
 
 
 class PointIndex:
-    """A sample's transcripts sorted by y, so a tile reads only the band of rows it spans.
+    """A sample's transcripts grouped in horizontal bands, so a tile reads only the bands it spans.
 
     Without it every tile scans every transcript of the slide (tiles x transcripts work); with it, the
-    transcripts of the tile's y band. A copy of the columns (10 bytes per transcript with float32
-    coordinates) made once per :func:`~diffst.data.prepare.prepare_dataset` call; counts are the same,
-    since :func:`bin_points` still decides which bin, if any, each transcript of the band falls in.
+    transcripts of the bands that the tile's rows (with a 1 µm margin) touch. A copy of the columns
+    (10 bytes per transcript with float32 coordinates) made once per
+    :func:`~diffst.data.prepare.prepare_dataset` call, ``chunk_rows`` transcripts at a time (a counting sort
+    by band: no slide-sized index array, whose int64 alone would take 8 bytes per transcript); counts are the
+    same, since :func:`bin_points` still decides which bin, if any, each transcript of the bands falls in.
     """
 
-    def __init__(self, sample: Sample):
+    def __init__(self, sample: Sample, band_um: float = 8.0, chunk_rows: int = 1 << 16):
         tx = sample.transcripts
-        y = tx["y_um"].to_numpy()
-        order = np.argsort(y, kind="stable")
-        self.y = y[order]
-        self.x = tx["x_um"].to_numpy()[order]
-        self.gene = tx["gene"].to_numpy()[order]
+        x, y, gene = tx["x_um"].to_numpy(), tx["y_um"].to_numpy(), tx["gene"].to_numpy()
+        self.band_um = float(band_um)
+        self.y_min = float(y.min()) if len(y) else 0.0
+        n_bands = int(self._band_of(np.asarray([y.max()]))[0]) + 1 if len(y) else 1
+        chunks = [slice(start, start + chunk_rows) for start in range(0, len(y), chunk_rows)]
+        per_band = np.zeros(n_bands, dtype=np.int64)
+        for rows in chunks:
+            per_band += np.bincount(self._band_of(y[rows]), minlength=n_bands)
+        #: Rows of band b: starts[b]:starts[b + 1].
+        self.starts = np.concatenate([[0], np.cumsum(per_band)])
+        self.x, self.y, self.gene = np.empty_like(x), np.empty_like(y), np.empty_like(gene)
+        filled = self.starts[:-1].copy()  # next free row of each band
+        for rows in chunks:
+            band = self._band_of(y[rows])
+            order = np.argsort(band, kind="stable")  # a chunk's rows by band, in their order within each band
+            ranked = band[order]
+            where = filled[ranked] + np.arange(len(ranked)) - np.searchsorted(ranked, ranked, side="left")
+            self.x[where], self.y[where], self.gene[where] = x[rows][order], y[rows][order], gene[rows][order]
+            filled += np.bincount(band, minlength=n_bands)
+
+    def _band_of(self, y: np.ndarray) -> np.ndarray:
+        return np.floor((np.asarray(y, dtype=np.float64) - self.y_min) / self.band_um).astype(np.int64)
 
     def band(self, y0_um: float, y1_um: float) -> slice:
-        """Rows whose y lies in [y0_um, y1_um), with a 1 µm margin each side (whatever the stored precision)."""
-        lo, hi = np.searchsorted(self.y, [y0_um - 1.0, y1_um + 1.0], side="left")
-        return slice(int(lo), int(hi))
+        """Rows of the bands that hold every y in [y0_um - 1, y1_um + 1) (a 1 µm margin whatever the precision)."""
+        n_bands = len(self.starts) - 1
+        lo, hi = np.clip(self._band_of(np.array([y0_um - 1.0, y1_um + 1.0])), 0, n_bands - 1)
+        if y1_um + 1.0 < self.y_min:
+            return slice(0, 0)
+        return slice(int(self.starts[lo]), int(self.starts[hi + 1]))
 
 
 def tile_expression(sample: Sample, gene_idx: np.ndarray, geom: TileGeometry, average_spots: bool = False,

@@ -34,8 +34,11 @@ def _find(folder: Path, names: Sequence[str]) -> Path | None:
     return None
 
 
-#: Rows read at a time: ~40 MB of parsed columns per chunk, whatever the size of the file.
-CHUNK_ROWS = 1_000_000
+#: Rows read at a time: a few MB of parsed columns per chunk, whatever the size of the file.
+CHUNK_ROWS = 1 << 16
+#: Bytes of a Parquet column chunk read at a time: a row group (Xenium writes ~1M rows per group; a file
+#: written in one piece is a single group) is streamed page by page instead of loaded whole.
+PARQUET_BUFFER_BYTES = 1 << 20
 #: Optional Xenium columns kept per transcript (1 byte each); cell_id, qv (once filtered on), z_location and
 #: transcript_id are not read at all.
 _KEPT_EXTRAS = ("overlaps_nucleus",)
@@ -65,6 +68,17 @@ def read_transcripts(path: str | Path, min_qv: float | None = 20.0, drop_control
     GeometryError
         For empty, NaN or infinite coordinates.
     """
+    names, codes, columns = _read_compact(path, min_qv, drop_controls, chunk_rows)
+    return pd.DataFrame({"feature_name": pd.Categorical.from_codes(codes, names), **columns}, copy=False)
+
+
+def _read_compact(path: str | Path, min_qv: float | None, drop_controls: bool,
+                  chunk_rows: int | None) -> tuple[list[str], np.ndarray, dict[str, np.ndarray]]:
+    """Read what :func:`read_transcripts` keeps as arrays: (sorted gene names, codes into them, other columns).
+
+    The codes are int16 (int32 beyond 32767 genes); the other columns ``x_um``, ``y_um`` (float32) and
+    ``overlaps_nucleus`` (int8) when the file has it. Memory: the kept columns, once, plus one chunk.
+    """
     path = Path(path)
     if not path.exists():
         raise InputError(f"Transcript file not found: {path}. Expected transcripts.csv.gz or transcripts.parquet.")
@@ -79,7 +93,23 @@ def read_transcripts(path: str | Path, min_qv: float | None = 20.0, drop_control
     acc = _Accumulator(path, min_qv, drop_controls)
     for codes, categories, numbers in _chunks(path, wanted, max(1, int(chunk_rows or CHUNK_ROWS))):
         acc.add(codes, categories, numbers)
-    return acc.finish()
+        del codes, categories, numbers
+    result = acc.finish()
+    _release_memory()
+    return result
+
+
+def _release_memory() -> None:
+    """Hand the reading's freed memory back: Arrow's pool and glibc's heap (chunks freed in between parts kept)."""
+    import contextlib
+    import sys
+
+    if "pyarrow" in sys.modules:
+        with contextlib.suppress(Exception):
+            sys.modules["pyarrow"].default_memory_pool().release_unused()
+    from diffst.inference.store import release_memory
+
+    release_memory()
 
 
 def _header(path: Path) -> list[str]:
@@ -105,7 +135,10 @@ def _chunks(path: Path, wanted: list[str], chunk_rows: int):
             import pyarrow.compute as pc
             import pyarrow.parquet as pq
 
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows, columns=wanted):
+            # Column chunks streamed through a small buffer, not pre-buffered whole, and decoded on this
+            # thread (Arrow's worker threads each keep a heap): memory follows the batch, not the row group.
+            source = pq.ParquetFile(path, pre_buffer=False, buffer_size=PARQUET_BUFFER_BYTES)
+            for batch in source.iter_batches(batch_size=chunk_rows, columns=wanted, use_threads=False):
                 names = batch.column("feature_name")
                 if not pa.types.is_dictionary(names.type):
                     names = pc.dictionary_encode(names)
@@ -219,8 +252,8 @@ class _Accumulator:
                 f"{path}: {self.no_name[0]} row(s) have an empty feature_name (e.g. data row {self.no_name[1]}); "
                 "every transcript needs its gene name."
             )
-        gene = np.concatenate(self.parts.pop("gene"))
-        if len(gene) == 0:
+        gene_parts = self.parts.pop("gene")
+        if sum(len(part) for part in gene_parts) == 0:
             raise InputError(
                 f"No transcripts left in {path}: {self.rows} rows read, {self.low_qv} removed by qv < min_qv "
                 f"({self.min_qv}), {self.controls} more removed as control probes "
@@ -229,20 +262,35 @@ class _Accumulator:
                 "with drop_controls=False."
             )
         names = np.array(list(self.vocabulary), dtype=object)
-        present = np.flatnonzero(np.bincount(gene, minlength=len(names)))
+        used = np.zeros(len(names), dtype=bool)
+        for part in gene_parts:
+            used[np.unique(part)] = True
+        present = np.flatnonzero(used)
         order = present[np.argsort(names[present].astype(str), kind="stable")]
-        remap = np.full(len(names), -1, dtype=np.int64)
-        remap[order] = np.arange(len(order))
         code_type = np.int16 if len(order) <= np.iinfo(np.int16).max else np.int32
-        table = pd.DataFrame({
-            "feature_name": pd.Categorical.from_codes(remap[gene].astype(code_type), names[order].tolist()),
-            "x_um": np.concatenate(self.parts.pop("x_um")),
-            "y_um": np.concatenate(self.parts.pop("y_um")),
-        })
+        remap = np.full(len(names), -1, dtype=code_type)
+        remap[order] = np.arange(len(order))
+        codes = _join_parts(gene_parts, code_type, remap)
+        columns = {"x_um": _join_parts(self.parts.pop("x_um")), "y_um": _join_parts(self.parts.pop("y_um"))}
         for column, parts in self.parts.items():
             if parts:
-                table[column] = np.concatenate(parts)
-        return table
+                columns[column] = _join_parts(parts)
+        return names[order].tolist(), codes, columns
+
+
+def _join_parts(parts: list[np.ndarray], dtype=None, lut: np.ndarray | None = None) -> np.ndarray:
+    """Concatenate ``parts`` (through ``lut`` when given), freeing each part once copied: one copy at a time.
+
+    ``parts`` is emptied.
+    """
+    out = np.empty(sum(len(part) for part in parts), dtype=dtype or (lut if lut is not None else parts[0]).dtype)
+    parts.reverse()
+    start = 0
+    while parts:
+        part = parts.pop()
+        out[start : start + len(part)] = part if lut is None else lut[part]
+        start += len(part)
+    return out
 
 
 def read_xenium(
@@ -301,12 +349,10 @@ def read_xenium(
     tx_path = path if path.is_file() else _find(folder, ["transcripts.parquet", "transcripts.csv.gz", "transcripts.csv"])
     if tx_path is None:
         raise InputError(f"No transcripts.parquet or transcripts.csv.gz in {folder}; point to a Xenium output folder.")
-    table = read_transcripts(tx_path, min_qv=min_qv, drop_controls=drop_controls)
-    genes = list(table["feature_name"].cat.categories)
-    codes = table["feature_name"].cat.codes.to_numpy()
-    transcripts = table.drop(columns="feature_name")
-    transcripts.insert(0, "gene", codes.astype(np.int16 if codes.dtype.itemsize <= 2 else np.int32))
-    del table
+    genes, codes, columns = _read_compact(tx_path, min_qv, drop_controls, None)
+    # The arrays as they are (no copy, no consolidation of x and y into one block).
+    transcripts = pd.DataFrame({"gene": codes, **columns}, copy=False)
+    del codes, columns
 
     morphology = None
     if image is None:
