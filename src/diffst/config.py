@@ -113,6 +113,10 @@ class DataConfig(BaseModel):
     example
         If given and ``path`` is absent or an empty folder, the commands prepare the built-in example
         there before training (see :class:`ExampleDataConfig`).
+    holdout_fraction
+        When the dataset has no validation split: hold this share of the training tissue out of the loss
+        (squares one LR spot wide, :func:`diffst.data.holdout.holdout_bins`) and validate on it, so that
+        ``train.keep_best`` can select a checkpoint on data it did not fit. 0 (the default) turns it off.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -125,6 +129,7 @@ class DataConfig(BaseModel):
     num_workers: int = Field(0, ge=0)
     subset: list[int] | None = None
     example: ExampleDataConfig | None = None
+    holdout_fraction: float = Field(0.0, ge=0.0, lt=1.0)
 
     _home = field_validator("path")(_expand_home)
 

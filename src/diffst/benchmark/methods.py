@@ -72,7 +72,7 @@ def parse_methods(text: str) -> list[str]:
 
 def run_config_dict(method: str, data_path: Path, run_dir: Path, budget: str, seed: int, device: str) -> dict[str, Any]:
     """Return the run configuration (a mapping) of a trained method on one fold (two-stage: stage two's)."""
-    from diffst.training.recipe import has_validation_split, regression_schedule
+    from diffst.training.recipe import select_regression_length
 
     # Diffusion runs train their preset's length; only regressions select theirs on the fold's validation
     # region (when it has one), exactly as Diff-ST's stage one does.
@@ -85,7 +85,7 @@ def run_config_dict(method: str, data_path: Path, run_dir: Path, budget: str, se
         data["model"] = dict(TWO_STAGE[method])
     steps = stage_one_steps(budget)
     if data["train"].get("objective") == "regression" and steps is not None:
-        data["train"].update(regression_schedule(steps, has_validation_split(data)))
+        select_regression_length(data, steps)
     return data
 
 

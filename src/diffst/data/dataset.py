@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from diffst.core.geometry import TileGeometry
+from diffst.data.holdout import BinHoldout, holdout_bins
 from diffst.data.normalise import LogScaleNormaliser
 from diffst.data.prepare import load_meta
 from diffst.errors import InputError
@@ -61,7 +62,9 @@ class PreparedTiles(Dataset):
     HR bins that were measured; all True for point data, the bins holding a spot in the self-supervised
     mode); ``lr_mask`` (h, w); ``tissue``
     (C, S, S) and ``cells`` (M, C, p, p) in [0, 1]; ``cell_entropy`` (M,); and ``index``.
-    ``normaliser`` overrides the dataset's own (use the trained model's when predicting).
+    ``normaliser`` overrides the dataset's own (use the trained model's when predicting). ``holdout``
+    (:class:`~diffst.data.holdout.BinHoldout`) hides held-out squares of the tissue from ``hr_mask`` (the
+    training view) or leaves only them (the validation view): model selection without a validation split.
     With ``augment=True`` one of the 8 square symmetries (flips, 90-degree rotations) is drawn per
     item and applied identically to every modality: to the maps, to the tissue image, and to the
     cell grid as well as to each cell patch (with its entropy moved along).
@@ -69,7 +72,7 @@ class PreparedTiles(Dataset):
     """
 
     def __init__(self, path: str | Path, split: str = "train", augment: bool = False, seed: int = 0,
-                 normaliser: LogScaleNormaliser | None = None):
+                 normaliser: LogScaleNormaliser | None = None, holdout: BinHoldout | None = None):
         self.path = Path(path)
         self.meta = load_meta(self.path)
         if split not in ("train", "val", "test"):
@@ -121,6 +124,12 @@ class PreparedTiles(Dataset):
         except (OSError, ValueError) as exc:
             raise InputError(f"{self.path / 'tiles.csv'} is missing or corrupt ({exc}); prepare the dataset again.") from exc
         self.tiles = table[table["split"] == split].sort_values("index").reset_index(drop=True)
+        self.holdout = holdout
+        self.held_bins = None
+        if holdout is not None:
+            if not self.has_hr:
+                raise InputError(f"{folder}: a held-out share of the bins needs HR ground truth; this split has none")
+            self.held_bins = holdout_bins(self.tiles, self.geometry, holdout.fraction, holdout.seed)
         self.augment = augment
         self._rng = np.random.default_rng(seed)
 
@@ -147,6 +156,8 @@ class PreparedTiles(Dataset):
         if self.has_hr:
             hr = self.normaliser.to_model(np.array(self.hr_counts[i], dtype=np.float32))
             hr_mask = np.array(self.hr_mask[i], dtype=bool)
+            if self.held_bins is not None:
+                hr_mask &= self.held_bins[i] if self.holdout.keep == "held" else ~self.held_bins[i]
         if self.augment:
             k, flip = DIHEDRAL[self._rng.integers(len(DIHEDRAL))]
             lr, mask, tissue = _transform(lr, k, flip), _transform(mask, k, flip), _transform(tissue, k, flip)

@@ -160,7 +160,34 @@ def open_datasets(cfg: RunConfig):
         except InputError:
             note = (f"no validation: the dataset has no {cfg.data.val_split!r} split (the test split is never "
                     "used for validation or model selection)")
+    if val_ds is None and cfg.data.holdout_fraction:
+        return _holdout_datasets(cfg, note)
     return train_ds, val_ds, note
+
+
+def _holdout_datasets(cfg: RunConfig, why: str):
+    """Open the training split twice: without its held-out squares (to train on), with only them (to validate)."""
+    from torch.utils.data import Subset
+
+    from diffst.data.dataset import PreparedTiles
+    from diffst.data.holdout import BinHoldout
+
+    fraction = cfg.data.holdout_fraction
+    train_ds = PreparedTiles(cfg.data.path, cfg.data.train_split, augment=cfg.data.augment, seed=cfg.seed,
+                             holdout=BinHoldout(fraction, cfg.seed, "rest"))
+    held = PreparedTiles(cfg.data.path, cfg.data.train_split, augment=False,
+                         holdout=BinHoldout(fraction, cfg.seed, "held"))
+    # Validate on the tiles that hold measured held-out bins under measured spots (others would score 0).
+    scale = held.geometry.scale
+    spots = np.asarray(held.lr_mask, dtype=bool).repeat(scale, axis=-2).repeat(scale, axis=-1)
+    usable = (held.held_bins & np.asarray(held.hr_mask, dtype=bool) & spots).any(axis=(-2, -1))
+    if not usable.any():
+        raise InputError(f"{cfg.data.path}: no measured bin of the training tiles falls in a held-out square "
+                         f"(data.holdout_fraction {fraction}); raise the fraction or set it to 0")
+    n_usable = int(usable.sum())
+    note = (f"{why.rstrip('.')}; validation on {fraction:.0%} of the training tissue held out from the loss "
+            f"(squares one LR spot wide, in {n_usable} of {len(held)} training tiles; data.holdout_fraction)")
+    return train_ds, Subset(held, np.flatnonzero(usable).tolist()), note
 
 
 def training_tiles(cfg: RunConfig, n_tiles: int) -> list[int]:
