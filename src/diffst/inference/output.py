@@ -292,23 +292,36 @@ def slide_histology(tissue, x0_um: np.ndarray, y0_um: np.ndarray, tile_um: float
     cols = np.round((np.asarray(x0_um) - gx0) / um_per_px).astype(int)
     rows = np.round((np.asarray(y0_um) - gy0) / um_per_px).astype(int)
     height, width = rows.max() + small, cols.max() + small
-    total = np.zeros((height, width, channels), np.float32)
-    count = np.zeros((height, width), np.uint16)
-    for j, (r, c) in enumerate(zip(rows, cols, strict=True)):
-        image = np.moveaxis(np.asarray(tissue[j], np.float32), 0, -1)
-        if factor > 1:
-            image = image.reshape(small, factor, small, factor, channels).mean(axis=(1, 3))
-        total[r : r + small, c : c + small] += image
-        count[r : r + small, c : c + small] += 1
-        if j % 256 == 255:
-            release_pages(getattr(tissue, "array", tissue))
-    release_pages(getattr(tissue, "array", tissue))
-    covered = count > 0
+    covered = np.zeros((height, width), bool)
     mosaic_image = np.full((height, width, channels), background_value(channels), np.uint8)
-    for top in range(0, height, 256):  # in strips: no full-size temporaries
-        part, n = covered[top : top + 256], count[top : top + 256]
-        mosaic_image[top : top + 256][part] = np.clip(np.round(total[top : top + 256][part] / n[part, None]), 0,
-                                                      255).astype(np.uint8)
+    # In strips of rows: only a strip's running sums exist. Each pixel adds its tiles in their order, as one
+    # slide-sized sum would; a tile reaching into the next strip is kept (shrunk) for it, not read again.
+    strip = max(small, 256)
+    kept: dict[int, np.ndarray] = {}
+    done = 0
+    for top in range(0, height, strip):
+        bottom = min(top + strip, height)
+        total = np.zeros((bottom - top, width, channels), np.float32)
+        count = np.zeros((bottom - top, width), np.uint16)
+        for j in np.flatnonzero((rows < bottom) & (rows + small > top)):
+            image = kept.pop(j, None)
+            if image is None:
+                image = np.moveaxis(np.asarray(tissue[j], np.float32), 0, -1)
+                if factor > 1:
+                    image = image.reshape(small, factor, small, factor, channels).mean(axis=(1, 3))
+                done += 1
+                if done % 256 == 0:
+                    release_pages(getattr(tissue, "array", tissue))
+            r, c = rows[j], cols[j]
+            lo, hi = max(r, top), min(r + small, bottom)
+            total[lo - top : hi - top, c : c + small] += image[lo - r : hi - r]
+            count[lo - top : hi - top, c : c + small] += 1
+            if r + small > bottom:
+                kept[j] = image
+        part = count > 0
+        covered[top:bottom] = part
+        mosaic_image[top:bottom][part] = np.clip(np.round(total[part] / count[part, None]), 0, 255).astype(np.uint8)
+    release_pages(getattr(tissue, "array", tissue))
     del total, count
     mosaic = HistologyMosaic(mosaic_image, gx0, gy0, um_per_px, covered)
     # A coarser mosaic's last pixel centre lies further inside its edge: hold the edge value out to the edge.
