@@ -59,6 +59,7 @@ __all__ = [
     "RegressionOutput",
     "build_run_model",
     "regression_output",
+    "regression_point",
 ]
 
 CHECKPOINT_DIR = "checkpoints"
@@ -187,7 +188,7 @@ class Run:
     base: Run | None = None
 
     @torch.no_grad()
-    def predict_hr(self, batch: dict[str, Any], device: str | torch.device) -> torch.Tensor:
+    def predict_hr(self, batch: dict[str, Any], device: str | torch.device, views: int = 1) -> torch.Tensor:
         """Return the model-space HR prediction of a regression run for a batch of tiles (no gradients).
 
         The conditions are built with the run's own final entropy threshold, as at inference, so a
@@ -199,6 +200,8 @@ class Run:
             A dataset batch (``lr``, ``tissue``, ``cells``, ``cell_entropy``; the HR tile size is the run's).
         device
             Where the run's model is.
+        views
+            Average the answer over this many of the input's square symmetries (:func:`regression_point`).
 
         Returns
         -------
@@ -213,8 +216,45 @@ class Run:
         cond = Conditions.from_batch(batch, self.entropy_threshold).to(device)
         n_genes = len(self.dataset.genes) if self.dataset is not None else int(cond.lr.shape[1])
         tile = self.dataset.geometry.tile_hr if self.dataset is not None else int(batch["hr"].shape[-1])
-        return regression_output(self.model, cond, (cond.lr.shape[0], n_genes, tile, tile), self.config,
-                                 self.dataset).maps
+        return regression_point(self.model, cond, (cond.lr.shape[0], n_genes, tile, tile), self.config,
+                                self.dataset, views)
+
+
+def regression_point(model: nn.Module, cond: Any, shape: tuple[int, int, int, int], config: RunConfig,
+                     dataset: DatasetSpec | None, views: int = 1) -> torch.Tensor:
+    """Return a regression's answer averaged over ``views`` square symmetries of its input, in model space.
+
+    The model was trained on tiles turned and mirrored at random (``data.augment``); asked the same question
+    under each of the 8 symmetries (:data:`~diffst.core.symmetry.SYMMETRIES`, the identity first) it answers
+    slightly differently, and the mean of its answers, in counts, has less variance than any one of them
+    (test-time augmentation: one network call per view). A spot-ratio answer stays spot-consistent.
+
+    Parameters
+    ----------
+    model, cond, shape, config, dataset
+        As for :func:`regression_output`.
+    views
+        1 to 8; 1 is :func:`regression_output` alone.
+
+    Returns
+    -------
+    Tensor
+        (B, N, H, W) model-space HR maps.
+    """
+    from diffst.core.symmetry import SYMMETRIES, undo_symmetry
+
+    if not 1 <= views <= len(SYMMETRIES):
+        raise InputError(f"views={views}: a tile has {len(SYMMETRIES)} square symmetries; choose 1 to 8")
+    if views == 1:
+        return regression_output(model, cond, shape, config, dataset).maps
+    # Averaged in counts where the output has them (spot-ratio), else in model space.
+    total, in_counts = None, False
+    for turns, flip in SYMMETRIES[:views]:
+        out = regression_output(model, cond.symmetry(turns, flip), shape, config, dataset)
+        in_counts = out.counts is not None
+        answer = undo_symmetry(out.counts if in_counts else out.maps, turns, flip)
+        total = answer if total is None else total + answer
+    return dataset.normaliser.to_model(total / views) if in_counts else total / views
 
 
 def build_run_model(config: RunConfig) -> nn.Module:

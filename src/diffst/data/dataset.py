@@ -10,20 +10,11 @@ import torch
 from torch.utils.data import Dataset
 
 from diffst.core.geometry import TileGeometry
+from diffst.core.symmetry import SYMMETRIES, apply_symmetry
 from diffst.data.holdout import BinHoldout, holdout_bins
 from diffst.data.normalise import LogScaleNormaliser
 from diffst.data.prepare import load_meta
 from diffst.errors import InputError
-
-# The 8 symmetries of the square: (number of 90-degree turns, flip left-right first).
-DIHEDRAL = [(k, f) for f in (False, True) for k in range(4)]
-
-
-def _transform(a: np.ndarray, k: int, flip: bool) -> np.ndarray:
-    """Apply a square symmetry to the last two axes."""
-    if flip:
-        a = a[..., ::-1]
-    return np.rot90(a, k, axes=(-2, -1))
 
 
 def _tensor(a: np.ndarray, dtype=None) -> torch.Tensor:
@@ -159,16 +150,16 @@ class PreparedTiles(Dataset):
             if self.held_bins is not None:
                 hr_mask &= self.held_bins[i] if self.holdout.keep == "held" else ~self.held_bins[i]
         if self.augment:
-            k, flip = DIHEDRAL[self._rng.integers(len(DIHEDRAL))]
-            lr, mask, tissue = _transform(lr, k, flip), _transform(mask, k, flip), _transform(tissue, k, flip)
+            k, flip = SYMMETRIES[self._rng.integers(len(SYMMETRIES))]
+            lr, mask, tissue = apply_symmetry(lr, k, flip), apply_symmetry(mask, k, flip), apply_symmetry(tissue, k, flip)
             if hr is not None:
-                hr, hr_mask = _transform(hr, k, flip), _transform(hr_mask, k, flip)
+                hr, hr_mask = apply_symmetry(hr, k, flip), apply_symmetry(hr_mask, k, flip)
             g = self.geometry.cell_grid
             grid = cells.reshape(g, g, *cells.shape[1:])  # (g, g, C, p, p)
-            grid = _transform(np.moveaxis(grid, (0, 1), (-2, -1)), k, flip)  # grid positions
+            grid = apply_symmetry(np.moveaxis(grid, (0, 1), (-2, -1)), k, flip)  # grid positions
             grid = np.moveaxis(grid, (-2, -1), (0, 1))
-            cells = _transform(grid, k, flip).reshape(cells.shape)  # pixels inside each patch
-            ent = _transform(entropy.reshape(g, g), k, flip).reshape(-1)
+            cells = apply_symmetry(grid, k, flip).reshape(cells.shape)  # pixels inside each patch
+            ent = apply_symmetry(entropy.reshape(g, g), k, flip).reshape(-1)
             entropy = ent
         item = {
             "lr": _tensor(lr, np.float32),

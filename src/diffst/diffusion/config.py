@@ -89,6 +89,12 @@ class SamplerConfig(BaseModel):
         texture.
     probe_draws
         Noise draws (network calls) of the x0 probe.
+    point_views
+        A regression's answer (a regression run's, and the ``base`` point estimate of a two-stage run) is
+        the mean of its answers to the tile under this many of its 8 square symmetries (flips and quarter
+        turns, the training augmentation; one network call each): less variance than one answer (region
+        cross-validation on the built-in crop: PCC up by 0.001 to 0.015 per fold, RMSE lower in most
+        folds). 1 asks once. The samples of a two-stage run are drawn around it.
     spot_consistent
         Make every s x s block of the point estimate and of each sample add up to the LR count measured
         there (:func:`~diffst.core.spots.project_to_spots`; unmeasured spots are left as predicted): the
@@ -108,6 +114,7 @@ class SamplerConfig(BaseModel):
     clip: bool = True
     point_estimate: Literal["auto", "x0_probe", "sample_mean", "base"] = "auto"
     probe_draws: int = Field(8, ge=1)
+    point_views: int = Field(8, ge=1, le=8)
     spot_consistent: bool = True
     interval_spread: float = Field(1.0, gt=0.0)
 

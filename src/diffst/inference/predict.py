@@ -27,7 +27,7 @@ from diffst.errors import InputError
 from diffst.inference.intervals import LEVELS, interval_bounds
 from diffst.inference.store import dataset_maps, release_memory, release_pages
 from diffst.models.base import Conditions, bind_conditions
-from diffst.runs import Run, load_run, regression_output
+from diffst.runs import Run, load_run, regression_point
 
 log = logging.getLogger("diffst.inference")
 
@@ -149,9 +149,9 @@ def iter_batches(
         batch = torch.utils.data.default_collate([dataset[i] for i in idx])
         cond = Conditions.from_batch(batch, run.entropy_threshold).to(device)
         # A two-stage run's samples are residuals over its frozen regression run's prediction.
-        base = run.base.predict_hr(batch, device) if run.base is not None else None
+        base = run.base.predict_hr(batch, device, views=sampler.point_views) if run.base is not None else None
         if regression:
-            hr = regression_output(model, cond, (len(idx), *shape_hr), cfg, run.dataset).maps[None]
+            hr = regression_point(model, cond, (len(idx), *shape_hr), cfg, run.dataset, sampler.point_views)[None]
             x0_point = hr[0]
         else:
             # Encoded once per batch, not at every sampler step: the conditions depend on neither x nor t.

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from diffst.core.symmetry import apply_symmetry
+
 __all__ = ["DenoiserOutput", "Conditions", "EncodedConditions", "Denoiser", "bind_conditions", "regress"]
 
 
@@ -121,6 +123,34 @@ class Conditions(Mapping[str, Any]):
             return self
         tiled = {k: v.repeat(times, *([1] * (v.ndim - 1))) for k in _NAMES[:4] if (v := getattr(self, k)) is not None}
         return replace(self, **tiled)
+
+    def symmetry(self, turns: int, flip: bool) -> Conditions:
+        """Return the conditions of the same tiles seen under a square symmetry (as the training augmentation).
+
+        Parameters
+        ----------
+        turns
+            Quarter turns (``torch.rot90`` over the last two axes), applied after the flip.
+        flip
+            Mirror the last axis first.
+
+        Returns
+        -------
+        Conditions
+            Maps and image turned; cell patches moved on their grid and each patch turned, entropies moved
+            along. Undo on an HR map with :func:`~diffst.core.symmetry.undo_symmetry`.
+        """
+        moved: dict[str, Tensor] = {"lr": apply_symmetry(self.lr, turns, flip),
+                                    "tissue": apply_symmetry(self.tissue, turns, flip)}
+        if self.cells is not None:
+            b, m = self.cells.shape[:2]
+            g = int(round(m ** 0.5))
+            grid = self.cells.reshape(b, g, g, *self.cells.shape[2:]).movedim((1, 2), (-2, -1))
+            grid = apply_symmetry(grid, turns, flip).movedim((-2, -1), (1, 2))
+            moved["cells"] = apply_symmetry(grid, turns, flip).reshape(self.cells.shape)
+            if self.cell_entropy is not None:
+                moved["cell_entropy"] = apply_symmetry(self.cell_entropy.reshape(b, g, g), turns, flip).reshape(b, m)
+        return replace(self, **moved)
 
     def __getitem__(self, key: str) -> Any:
         if key not in _NAMES:
