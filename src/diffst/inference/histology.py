@@ -131,7 +131,7 @@ def full_resolution_extent(extent_um: tuple[float, float, float, float], um_to_p
 
 
 def hires_image(mosaic: HistologyMosaic, um_to_px: np.ndarray, max_side: int = HIRES_MAX_SIDE, *,
-                strip_rows: int = 128, hold_edges: bool = False) -> tuple[np.ndarray, float]:
+                strip_rows: int = 32, hold_edges: bool = False) -> tuple[np.ndarray, float]:
     """Resample a mosaic into the full-resolution image's pixel frame, scaled down, for ``uns['spatial']``.
 
     The result covers full-resolution pixels from (0, 0) to the far corner of the mosaic, so that a bin at
@@ -148,7 +148,8 @@ def hires_image(mosaic: HistologyMosaic, um_to_px: np.ndarray, max_side: int = H
     max_side
         Longest side of the result in pixels; it is never finer than the mosaic itself.
     strip_rows
-        Rows of the result resampled at a time.
+        Rows of the result resampled at a time; the temporaries take ~150 bytes per pixel of a strip (32 rows
+        of a 2000-pixel-wide image: ~10 MB).
     hold_edges
         Hires pixels within half a mosaic pixel of the mosaic's outer edge take the edge pixel's value
         instead of fading into the background (for a mosaic coarser than its tiles' images).
