@@ -1,15 +1,36 @@
-"""What a prediction was made from: checkpoint, sampler, seed, software and input files with their hashes.
+r"""What a prediction was made from: checkpoint, sampler, seed, software and input files with their hashes.
 
 The record is a nested dict of strings, numbers and lists only, so that it is written as it is into
-AnnData ``uns`` (both ``.h5ad`` and zarr). File lists are stored as parallel columns (``path``,
+AnnData ``uns`` (both ``.h5ad`` and zarr). File lists are stored as parallel columns (``path``, ``kind``,
 ``size_bytes``, ``sha256``) because AnnData cannot store a list of dicts, and file names with a ``/``
 cannot be keys of an HDF5 group.
+
+Each input is one row, whatever it is (:func:`file_table`):
+
+* ``kind`` "file": ``size_bytes`` is the file's size and ``sha256`` the hex sha256 of its bytes
+  (``sha256sum FILE``).
+* ``kind`` "tree": a folder, e.g. a SpatialData ``.zarr`` store with thousands of chunk files, recorded as
+  one row instead of one per file (:func:`tree_digest`). ``size_bytes`` is the total size of every file in
+  it, and ``sha256`` is the sha256 of the lines ``"<relative path>\t<size in bytes>\t<sha256 of the
+  file's bytes>\n"``, one per file, sorted by relative path (as UTF-8 bytes), joined and encoded as UTF-8.
+  The relative path uses ``/`` and is taken from the folder given; every regular file counts, hidden ones
+  (``.zgroup``, ``.zattrs``) too; symbolic links to files count as the file they point to, linked folders
+  are not entered. Files are read in 1 MiB blocks, never held whole, so a store of any size is hashed in
+  constant memory. Any change of one byte, of a file's name or of the set of files changes the digest; the
+  same content in another place gives the same digest. For a folder without links it can be checked with::
+
+      cd STORE && find . -type f -printf '%P\n' | LC_ALL=C sort | while IFS= read -r f; do
+          printf '%s\t%s\t%s\n' "$f" "$(stat -c %s "$f")" "$(sha256sum < "$f" | cut -d' ' -f1)"; done | sha256sum
+
+* ``kind`` "missing": the path no longer exists (e.g. the raw files a prepared dataset was made from
+  were moved); ``size_bytes`` is -1 and ``sha256`` empty.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import time
 from collections.abc import Iterable, Mapping
@@ -19,30 +40,75 @@ from typing import Any
 import diffst
 
 
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks (a large file is never held in memory)."""
+def _hash_file(path: str | Path) -> tuple[int, str]:
+    """Bytes read and hex sha256 of a file, read in 1 MiB blocks (a large file is never held in memory)."""
     digest = hashlib.sha256()
+    size = 0
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
-    return digest.hexdigest()
+            size += len(block)
+    return size, digest.hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks (a large file is never held in memory)."""
+    return _hash_file(path)[1]
+
+
+def tree_digest(folder: str | Path) -> tuple[int, str]:
+    r"""Total size in bytes and digest of every file in a folder, as the module documents it ("tree" rows).
+
+    Only the list of relative paths is held in memory; each file is hashed block by block.
+
+    Returns
+    -------
+    (int, str)
+        The sum of the files' sizes and the hex sha256 of the sorted lines ``path\tsize\tsha256\n``.
+    """
+    folder = Path(folder)
+
+    def fail(exc: OSError) -> None:
+        raise exc
+
+    names = []
+    for dirpath, _, filenames in os.walk(folder, onerror=fail):
+        for name in filenames:
+            file = Path(dirpath) / name
+            if file.is_file():  # follows a link to a file; skips broken links, sockets, fifos
+                names.append(file.relative_to(folder).as_posix().encode("utf-8", "surrogateescape"))
+    names.sort()
+    digest, total = hashlib.sha256(), 0
+    for rel in names:
+        size, content = _hash_file(folder / os.fsdecode(rel))
+        digest.update(rel + f"\t{size}\t{content}\n".encode())
+        total += size
+    return total, digest.hexdigest()
 
 
 def file_table(paths: Iterable[str | Path]) -> dict[str, list]:
-    """Paths, sizes and sha256 of files, as parallel lists; a file that is missing gets size -1 and no hash.
+    """Paths, kinds, sizes and sha256 of inputs, as parallel lists: files, folders (one "tree" row each) or missing.
 
     Returns
     -------
     dict
-        ``path`` (absolute), ``size_bytes``, ``sha256`` (empty string where the file is missing).
+        ``path`` (absolute), ``kind`` ("file", "tree" or "missing"), ``size_bytes`` (a folder's total, -1
+        where missing), ``sha256`` (a file's; a folder's digest as the module documents it; empty where
+        missing).
     """
-    table: dict[str, list] = {"path": [], "size_bytes": [], "sha256": []}
+    table: dict[str, list] = {"path": [], "kind": [], "size_bytes": [], "sha256": []}
     for path in paths:
         path = Path(path).expanduser().resolve()
-        exists = path.is_file()
+        if path.is_file():
+            kind, (size, digest) = "file", _hash_file(path)
+        elif path.is_dir():
+            kind, (size, digest) = "tree", tree_digest(path)
+        else:
+            kind, size, digest = "missing", -1, ""
         table["path"].append(str(path))
-        table["size_bytes"].append(path.stat().st_size if exists else -1)
-        table["sha256"].append(sha256_file(path) if exists else "")
+        table["kind"].append(kind)
+        table["size_bytes"].append(size)
+        table["sha256"].append(digest)
     return table
 
 
@@ -66,17 +132,22 @@ def checkpoint_files(checkpoint: str | Path) -> dict[str, list]:
     table = file_table([manifest])
     for name, entry in sorted(files.items()):
         table["path"].append(str((folder / name).resolve()))
+        table["kind"].append("file")
         table["size_bytes"].append(int(entry["size"]))
         table["sha256"].append(str(entry["sha256"]))
     return table
 
 
 def source_files(meta: Mapping[str, Any]) -> list[str]:
-    """Raw input files a prepared dataset was made from, as its ``dataset.json`` records them."""
+    """Raw inputs a prepared dataset was made from, as its ``dataset.json`` records them.
+
+    The values of the samples' ``meta`` keys ending in ``_file`` or ``_path`` (e.g. ``transcripts_file``)
+    and ``_store`` (``spatialdata_store``: a SpatialData store, hashed as one "tree" by :func:`file_table`).
+    """
     found = []
     for sample in meta.get("samples", []):
         for key, value in sample.get("meta", {}).items():
-            if key.endswith(("_file", "_path")) and value not in ("", "None"):
+            if key.endswith(("_file", "_path", "_store")) and value not in ("", "None"):
                 found.append(value)
     return found
 

@@ -103,12 +103,12 @@ def read_anndata(
     Sample
         ``platform`` "anndata"; ``spots``: counts CSR (obs x var), ``xy_um``, ``ids`` = obs names;
         ``genes`` = var names; ``image`` a :class:`SlideImage` with origin (0, 0); ``meta``:
-        ``layer``, ``spatial_key``, ``coords_unit`` and, for an image from ``uns['spatial']``,
-        ``library_id``, ``image_kind``, ``um_per_fullres_px``, ``scalefactors``.
+        ``layer``, ``spatial_key``, ``coords_unit``, ``anndata_file`` (when read from a file) and, for an
+        image from ``uns['spatial']``, ``library_id``, ``image_kind``, ``um_per_fullres_px``, ``scalefactors``.
     """
     import anndata as ad
 
-    label = name
+    label, source = name, {}
     if isinstance(adata_or_path, str | Path):
         path = Path(adata_or_path)
         if not path.exists():
@@ -118,6 +118,7 @@ def read_anndata(
         except Exception as exc:
             raise InputError(f"Cannot read {path} as .h5ad ({exc}); the file is corrupt or not AnnData.") from exc
         label = label or path.stem
+        source = {"anndata_file": str(path)}  # named in the provenance of predictions from it
     elif isinstance(adata_or_path, ad.AnnData):
         adata = adata_or_path
     else:
@@ -227,7 +228,7 @@ def read_anndata(
         image=slide_image,
         spots=spots,
         platform="anndata",
-        meta={"layer": layer, "spatial_key": spatial_key, "coords_unit": coords_unit,
+        meta={"layer": layer, "spatial_key": spatial_key, "coords_unit": coords_unit, **source,
               **({k: carried[k] for k in ("library_id", "image_kind", "um_per_fullres_px", "scalefactors")}
                  if carried else {})},
     )
