@@ -156,3 +156,23 @@ def test_checkpoint_files_and_provenance_columns_are_parallel(tiny_xenium_run, p
         files = record["input"][name]
         assert len({len(column) for column in files.values()}) == 1
         assert "missing" not in files["kind"] and all(len(h) == 64 for h in files["sha256"])
+
+
+def test_a_visium_folder_input_lists_the_files_read(tmp_path):
+    """A Space Ranger folder given as a folder: each file the reader used is a hashed row, none missing."""
+    from diffst.inference.whole_slide import raw_input_record
+    from diffst.io import read_sample
+    from diffst.testing import synthetic_slide, write_visium
+
+    write_visium(synthetic_slide(160, 120, seed=2), tmp_path / "outs", bin_size_um=8)
+    sample = read_sample(tmp_path / "outs")
+    record = raw_input_record([sample], [tmp_path / "outs"], {})
+    files = record["files"]
+    names = [Path(p).name for p in files["path"]]
+    assert {"filtered_feature_bc_matrix.h5", "tissue_positions.parquet", "scalefactors_json.json"} <= set(names)
+    assert any(n.startswith("tissue_hires_image") for n in names)
+    assert set(files["kind"]) == {"file"}
+    for path, size, digest in zip(files["path"], files["size_bytes"], files["sha256"], strict=True):
+        data = Path(path).read_bytes()
+        assert size == len(data) > 0 and digest == hashlib.sha256(data).hexdigest()
+    assert record["given"] == [str((tmp_path / "outs").resolve())]

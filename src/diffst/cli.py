@@ -250,7 +250,7 @@ def predict(
 
     Samples with the run's own ``sampler:`` settings; --sampler, --steps and --samples override them. The
     output's ``uns['diffst']`` records the checkpoint, sampler, seed, K, versions and the input files with
-    their sha256.
+    their sha256 (a SpatialData .zarr store as one entry: its total size and one digest over its files).
 
     Each finished tile is kept in a hidden folder beside the output (``.NAME.partial/``) as soon as its batch
     is done; if the command is stopped (Ctrl-C, kill -9, a crash), running it again with the same options

@@ -382,6 +382,7 @@ def read_visium(
             "image_kind": image_kind,
             "matrix_file": str(matrix_path),
             "positions_file": str(positions_path),
+            "scalefactors_file": str(spatial / "scalefactors_json.json"),  # places spots and image: hashed too
         },
     )
     try:
