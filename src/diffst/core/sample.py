@@ -125,15 +125,16 @@ class Sample:
             return self.transcripts[["x_um", "y_um"]].to_numpy(dtype=float)
         return self.spots.xy_um
 
-    def xy_chunks(self, rows: int = XY_CHUNK_ROWS) -> Iterator[np.ndarray]:
+    def xy_chunks(self, rows: int = XY_CHUNK_ROWS, stride: int = 1) -> Iterator[np.ndarray]:
         """Coordinates of the transcripts (or spots) ``rows`` at a time, (k, 2) float64 microns each.
 
-        What :meth:`xy_um` holds, without a float64 copy of a whole slide's transcripts (16 bytes each).
+        What :meth:`xy_um` holds (every ``stride``-th transcript), without a float64 copy of a whole slide's
+        transcripts (16 bytes each).
         """
         if self.transcripts is None:
-            yield self.spots.xy_um
+            yield self.spots.xy_um[::stride]
             return
-        x, y = self.transcripts["x_um"].to_numpy(), self.transcripts["y_um"].to_numpy()
+        x, y = self.transcripts["x_um"].to_numpy()[::stride], self.transcripts["y_um"].to_numpy()[::stride]
         for start in range(0, len(x), rows):
             yield np.column_stack([x[start : start + rows], y[start : start + rows]]).astype(float, copy=False)
 
@@ -247,14 +248,9 @@ class Sample:
         """
         if self.image is None or not self.has_points or len(self.transcripts) < 1000:
             return {}
-        step = max(1, len(self.transcripts) // 500_000)  # a full slide holds tens of millions
-        # Strided views of the stored columns, turned into float64 (n, 2) a chunk at a time.
-        xs, ys = self.transcripts["x_um"].to_numpy()[::step], self.transcripts["y_um"].to_numpy()[::step]
-
-        def xy_parts() -> Iterator[np.ndarray]:
-            for start in range(0, len(xs), XY_CHUNK_ROWS):
-                yield np.column_stack([xs[start : start + XY_CHUNK_ROWS], ys[start : start + XY_CHUNK_ROWS]]
-                                      ).astype(float)
+        stride = max(1, len(self.transcripts) // 500_000)  # a full slide holds tens of millions
+        # Strided views of the stored columns (turned into float64 (n, 2) a chunk at a time by xy_chunks).
+        xs, ys = self.transcripts["x_um"].to_numpy()[::stride], self.transcripts["y_um"].to_numpy()[::stride]
 
         view = self.image.overview(max_side=512).astype(np.float32).mean(axis=-1)
         signal = (255.0 - view if self.image.is_rgb else view).ravel()  # H&E: tissue and nuclei are dark
@@ -277,7 +273,7 @@ class Sample:
         lo = np.minimum(data_lo, [x0 - w / 4, y0 - h / 4])
         hi = np.maximum(data_hi, [x1 + w / 4, y1 + h / 4])
         # How far a wrong scale moves the farthest transcripts.
-        reach = max(float(np.abs(part - corner[:, 0]).max()) for part in xy_parts())
+        reach = max(float(np.abs(part - corner[:, 0]).max()) for part in self.xy_chunks(stride=stride))
         fine = max(30.0, reach / 200, float(np.max(hi - lo)) / 400, 4 * float(np.sqrt(sample_area)))
         stages = [(_SCALE_STEP, max(fine, reach * _SCALE_STEP / 2.5))]  # (log step, bin µm)
         while stages[-1][1] > fine or stages[-1][0] > 0.05:
@@ -292,7 +288,7 @@ class Sample:
             if bin_um not in grids:
                 shape = (np.floor((hi - lo) / bin_um) + 1).astype(int)
                 density = np.zeros(shape.prod(), dtype=np.int64)
-                for part in xy_parts():
+                for part in self.xy_chunks(stride=stride):
                     ij = np.floor((part - lo) / bin_um).astype(np.int64)
                     density += np.bincount(ij[:, 1] * shape[0] + ij[:, 0], minlength=shape.prod())
                 grids[bin_um] = shape, density
