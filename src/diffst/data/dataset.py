@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from diffst.core.geometry import TileGeometry
-from diffst.core.symmetry import SYMMETRIES, apply_symmetry
+from diffst.core.symmetry import SYMMETRIES, apply_symmetry, apply_symmetry_to_cells
 from diffst.data.holdout import BinHoldout, holdout_bins
 from diffst.data.normalise import LogScaleNormaliser
 from diffst.data.prepare import load_meta
@@ -154,13 +154,7 @@ class PreparedTiles(Dataset):
             lr, mask, tissue = apply_symmetry(lr, k, flip), apply_symmetry(mask, k, flip), apply_symmetry(tissue, k, flip)
             if hr is not None:
                 hr, hr_mask = apply_symmetry(hr, k, flip), apply_symmetry(hr_mask, k, flip)
-            g = self.geometry.cell_grid
-            grid = cells.reshape(g, g, *cells.shape[1:])  # (g, g, C, p, p)
-            grid = apply_symmetry(np.moveaxis(grid, (0, 1), (-2, -1)), k, flip)  # grid positions
-            grid = np.moveaxis(grid, (-2, -1), (0, 1))
-            cells = apply_symmetry(grid, k, flip).reshape(cells.shape)  # pixels inside each patch
-            ent = apply_symmetry(entropy.reshape(g, g), k, flip).reshape(-1)
-            entropy = ent
+            cells, entropy = apply_symmetry_to_cells(cells, entropy, k, flip)
         item = {
             "lr": _tensor(lr, np.float32),
             "lr_mask": _tensor(mask),

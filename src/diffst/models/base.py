@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from diffst.core.symmetry import apply_symmetry
+from diffst.core.symmetry import apply_symmetry, apply_symmetry_to_cells
 
 __all__ = ["DenoiserOutput", "Conditions", "EncodedConditions", "Denoiser", "bind_conditions", "regress"]
 
@@ -143,13 +143,9 @@ class Conditions(Mapping[str, Any]):
         moved: dict[str, Tensor] = {"lr": apply_symmetry(self.lr, turns, flip),
                                     "tissue": apply_symmetry(self.tissue, turns, flip)}
         if self.cells is not None:
-            b, m = self.cells.shape[:2]
-            g = int(round(m ** 0.5))
-            grid = self.cells.reshape(b, g, g, *self.cells.shape[2:]).movedim((1, 2), (-2, -1))
-            grid = apply_symmetry(grid, turns, flip).movedim((-2, -1), (1, 2))
-            moved["cells"] = apply_symmetry(grid, turns, flip).reshape(self.cells.shape)
-            if self.cell_entropy is not None:
-                moved["cell_entropy"] = apply_symmetry(self.cell_entropy.reshape(b, g, g), turns, flip).reshape(b, m)
+            moved["cells"], entropy = apply_symmetry_to_cells(self.cells, self.cell_entropy, turns, flip)
+            if entropy is not None:
+                moved["cell_entropy"] = entropy
         return replace(self, **moved)
 
     def __getitem__(self, key: str) -> Any:
