@@ -171,6 +171,7 @@ def _holdout_datasets(cfg: RunConfig, why: str):
 
     from diffst.data.dataset import PreparedTiles
     from diffst.data.holdout import BinHoldout
+    from diffst.evaluation.report import scoring_mask
 
     fraction = cfg.data.holdout_fraction
     train_ds = PreparedTiles(cfg.data.path, cfg.data.train_split, augment=cfg.data.augment, seed=cfg.seed,
@@ -178,9 +179,8 @@ def _holdout_datasets(cfg: RunConfig, why: str):
     held = PreparedTiles(cfg.data.path, cfg.data.train_split, augment=False,
                          holdout=BinHoldout(fraction, cfg.seed, "held"))
     # Validate on the tiles that hold measured held-out bins under measured spots (others would score 0).
-    scale = held.geometry.scale
-    spots = np.asarray(held.lr_mask, dtype=bool).repeat(scale, axis=-2).repeat(scale, axis=-1)
-    usable = (held.held_bins & np.asarray(held.hr_mask, dtype=bool) & spots).any(axis=(-2, -1))
+    scored = scoring_mask(held)
+    usable = (held.held_bins if scored is None else held.held_bins & scored).any(axis=(-2, -1))
     if not usable.any():
         raise InputError(f"{cfg.data.path}: no measured bin of the training tiles falls in a held-out square "
                          f"(data.holdout_fraction {fraction}); raise the fraction or set it to 0")
