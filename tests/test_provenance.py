@@ -18,11 +18,11 @@ import pytest
 import tifffile
 
 from diffst.example import EXAMPLE_DIR
+from diffst.hashing import sha256_file
 from diffst.inference.provenance import (
     checkpoint_files,
     file_table,
     prediction_provenance,
-    sha256_file,
     source_files,
     tree_digest,
 )

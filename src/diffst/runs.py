@@ -20,7 +20,6 @@ missing or empty files only.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 import re
@@ -40,6 +39,7 @@ from diffst.config import RunConfig, parse_config
 from diffst.core.geometry import TileGeometry
 from diffst.data.normalise import LogScaleNormaliser
 from diffst.errors import InputError
+from diffst.hashing import sha256_file
 
 __all__ = [
     "CHECKPOINT_DIR",
@@ -427,14 +427,6 @@ def find_checkpoint(path: str | Path) -> Path:
 # -- manifests ----------------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _damaged(folder: Path, name: str, problem: str) -> InputError:
     return InputError(
         f"checkpoint {folder} is damaged: {name} {problem}. Use an older checkpoint of the run "
@@ -450,7 +442,7 @@ def write_manifest(folder: Path) -> None:
     folder
         The (temporary) checkpoint folder, complete but for the manifest; call this last.
     """
-    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+    files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
              for p in sorted(folder.iterdir()) if p.is_file()}
     (folder / MANIFEST).write_text(json.dumps({"format": "diffst-checkpoint-manifest-1", "files": files}, indent=2))
 
@@ -503,7 +495,7 @@ def verify_checkpoint(folder: str | Path, names: tuple[str, ...] = CHECKPOINT_FI
         elif size != manifest[name]["size"]:
             raise _damaged(folder, name, f"has {size} bytes, {MANIFEST} says {manifest[name]['size']} (truncated "
                                           "or overwritten)")
-        elif _sha256(path) != manifest[name]["sha256"]:
+        elif sha256_file(path) != manifest[name]["sha256"]:
             raise _damaged(folder, name, f"does not match its sha256 in {MANIFEST} (changed after saving)")
 
 

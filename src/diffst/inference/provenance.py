@@ -38,22 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import diffst
-
-
-def _hash_file(path: str | Path) -> tuple[int, str]:
-    """Bytes read and hex sha256 of a file, read in 1 MiB blocks (a large file is never held in memory)."""
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-            size += len(block)
-    return size, digest.hexdigest()
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks (a large file is never held in memory)."""
-    return _hash_file(path)[1]
+from diffst.hashing import hash_file
 
 
 def tree_digest(folder: str | Path) -> tuple[int, str]:
@@ -80,7 +65,7 @@ def tree_digest(folder: str | Path) -> tuple[int, str]:
     names.sort()
     digest, total = hashlib.sha256(), 0
     for rel in names:
-        size, content = _hash_file(folder / os.fsdecode(rel))
+        size, content = hash_file(folder / os.fsdecode(rel))
         digest.update(rel + f"\t{size}\t{content}\n".encode())
         total += size
     return total, digest.hexdigest()
@@ -100,7 +85,7 @@ def file_table(paths: Iterable[str | Path]) -> dict[str, list]:
     for path in paths:
         path = Path(path).expanduser().resolve()
         if path.is_file():
-            kind, (size, digest) = "file", _hash_file(path)
+            kind, (size, digest) = "file", hash_file(path)
         elif path.is_dir():
             kind, (size, digest) = "tree", tree_digest(path)
         else:

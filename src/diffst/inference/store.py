@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from diffst.errors import InputError
+from diffst.hashing import sha256_file
 
 log = logging.getLogger("diffst.inference")
 
@@ -47,14 +48,6 @@ def store_path(out: str | Path) -> Path:
     return out.parent / f".{out.name}.partial"
 
 
-def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def run_identity(run) -> dict[str, Any]:
     """Identify a trained run's weights: checkpoint path, step, weights and a hash of its files.
 
@@ -65,11 +58,11 @@ def run_identity(run) -> dict[str, Any]:
     path = Path(run.path)
     manifest = path / "manifest.json"
     if manifest.is_file():
-        digest = _sha256_file(manifest)
+        digest = sha256_file(manifest)
     else:
         combined = hashlib.sha256()
         for file in sorted(p for p in path.iterdir() if p.is_file()):
-            combined.update(file.name.encode() + b"\0" + _sha256_file(file).encode())
+            combined.update(file.name.encode() + b"\0" + sha256_file(file).encode())
         digest = combined.hexdigest()
     record = {"checkpoint": str(path.resolve()), "step": int(run.step), "weights": str(run.weights),
               "sha256": digest}
@@ -89,7 +82,7 @@ def dataset_identity(dataset) -> dict[str, Any]:
     arrays = {}
     for name in ("lr_counts", "lr_mask", "tissue", "cells", "cell_entropy"):
         file = folder / f"{name}.npy"
-        arrays[name] = _sha256_file(file) if file.is_file() else None
+        arrays[name] = sha256_file(file) if file.is_file() else None
     tiles = dataset.tiles[["sample", "x0_um", "y0_um"]].to_csv(index=False).encode()
     return {"split": dataset.split, "n_tiles": len(dataset), "genes": list(dataset.genes),
             "geometry": dataset.geometry.to_dict(), "tiles_sha256": hashlib.sha256(tiles).hexdigest(),
