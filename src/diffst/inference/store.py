@@ -281,8 +281,15 @@ def dataset_maps(dataset) -> list:
 
 
 def release_memory() -> None:
-    """Hand freed heap memory back to the system (glibc keeps it otherwise); a no-op elsewhere."""
-    import ctypes
+    """Hand freed memory back to the system (Arrow's pool and glibc's heap keep it otherwise).
 
+    Arrow's pool only when pyarrow is loaded; a no-op where neither applies.
+    """
+    import ctypes
+    import sys
+
+    if "pyarrow" in sys.modules:
+        with contextlib.suppress(Exception):
+            sys.modules["pyarrow"].default_memory_pool().release_unused()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)

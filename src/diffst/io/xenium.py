@@ -95,21 +95,10 @@ def _read_compact(path: str | Path, min_qv: float | None, drop_controls: bool,
         acc.add(codes, categories, numbers)
         del codes, categories, numbers
     result = acc.finish()
-    _release_memory()
-    return result
-
-
-def _release_memory() -> None:
-    """Hand the reading's freed memory back: Arrow's pool and glibc's heap (chunks freed in between parts kept)."""
-    import contextlib
-    import sys
-
-    if "pyarrow" in sys.modules:
-        with contextlib.suppress(Exception):
-            sys.modules["pyarrow"].default_memory_pool().release_unused()
     from diffst.inference.store import release_memory
 
-    release_memory()
+    release_memory()  # the chunks' memory (Arrow's pool, the heap), freed, goes back to the system
+    return result
 
 
 def _header(path: Path) -> list[str]:
