@@ -13,7 +13,7 @@ from typing import Annotated, NoReturn
 import typer
 
 from diffst.errors import DiffSTError, TrainingInterrupted
-from diffst.training.recipe import STAGE_ONE_STEPS
+from diffst.training.recipe import STAGE_ONE_MEMBERS, STAGE_ONE_STEPS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Diff-ST: super-resolved spatial transcriptomics.")
 
@@ -188,9 +188,12 @@ def train_command(
     config: Annotated[Path, typer.Option(help="Run configuration (YAML), e.g. configs/cpu_xenium.yaml.")],
     resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint of run_dir.")] = False,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config value: section.key=value.")] = None,
-    two_stage: Annotated[bool, typer.Option(help="Diff-ST's recipe: a short spot-ratio regression "
-                                                  "(<run_dir>-regression), then the diffusion of its residual.")] = False,
+    two_stage: Annotated[bool, typer.Option(help="Diff-ST's recipe: a short spot-ratio regression trained with "
+                                                  "several seeds (<run_dir>-regression, <run_dir>-regression-member1, "
+                                                  "...), then the diffusion of their mean answer's residual.")] = False,
     stage_one_steps: Annotated[int, typer.Option(help="Training steps of stage one (--two-stage).")] = STAGE_ONE_STEPS,
+    stage_one_members: Annotated[int, typer.Option(help="Seeds (members) of stage one's ensemble (--two-stage; "
+                                                        "1: a single regression run).")] = STAGE_ONE_MEMBERS,
 ) -> None:
     """Train a Diff-ST denoiser (AdamW, EMA, checkpoints; multi-GPU via torchrun -m diffst.training).
 
@@ -207,8 +210,10 @@ def train_command(
         prepare_example_data(cfg)
         if two_stage:
             _positive(stage_one_steps, "--stage-one-steps")
-            base, run_dir = train_two_stage(cfg, stage_one_steps=stage_one_steps, name=str(config))
-            typer.echo(f"Stage one (regression): {base}")
+            _positive(stage_one_members, "--stage-one-members")
+            bases, run_dir = train_two_stage(cfg, stage_one_steps=stage_one_steps, stage_one_members=stage_one_members,
+                                             name=str(config))
+            typer.echo(f"Stage one (regression, {len(bases)} seed(s)): {', '.join(map(str, bases))}")
         else:
             run_dir = train(cfg, resume=resume)
     typer.echo(f"Run folder: {run_dir}")
@@ -467,7 +472,8 @@ def benchmark(
                                                "(two-stage), regression (its stage one), unet, unetpp, "
                                                "attention-unet, histogene, guided-dm, diffst-one-stage; ablations "
                                                "diffst-no-cam/-no-graph/-no-hier, regression-no-cam/-no-graph/"
-                                               "-no-hier, regression-mse.")]
+                                               "-no-hier, regression-mse, regression-one-seed (one member of "
+                                               "stage one's seed ensemble).")]
     = "bicubic,nearest,ridge,tesla,ridge+spots,diffst",
     budget: Annotated[str, typer.Option(help="Training budget of trained methods: tiny (preset tiny, 8 steps) or "
                                               "full (preset cpu: 2000 diffusion steps; regressions and stage one "
@@ -485,6 +491,8 @@ def benchmark(
                                                         "e.g. C3.")] = None,
     tile_lr: Annotated[int | None, typer.Option(help="With --self-supervised: LR blocks per tile side (default: "
                                                      "tiles of about 16 x 16 spots).")] = None,
+    members: Annotated[int, typer.Option(help="Seeds (members) of the stage-one ensemble of diffst, regression and "
+                                              "their ablations (as diffst train --two-stage).")] = STAGE_ONE_MEMBERS,
 ) -> None:
     """Benchmark Diff-ST against baselines on held-out tissue (region folds, or a sample split; resumable)."""
     import logging
@@ -498,6 +506,7 @@ def benchmark(
     logging.basicConfig(level=logging.WARNING)
     _positive(folds, "--folds", 2)
     _positive(n_genes, "--n-genes")
+    _positive(members, "--members")
     with _user_errors():
         try:
             scale_list = list(dict.fromkeys(int(v) for v in scales.split(",") if v.strip()))
@@ -524,7 +533,7 @@ def benchmark(
         result = run_benchmark(samples, out, preset=preset, scales=scale_list, k=folds, layout=fold_layout,
                                methods=method_list, budget=budget, n_genes=n_genes, genes=gene_list,
                                train_stride_um=train_stride, min_tissue=min_tissue, seed=seed, device=device,
-                               self_supervised=self_supervised, tile_lr=tile_lr,
+                               self_supervised=self_supervised, tile_lr=tile_lr, members=members,
                                test_samples=[t.strip() for t in test_sample.split(",") if t.strip()] if test_sample else None)
     for key, entry in result["summary"].items():
         typer.echo(f"{key}: {entry['n_folds']} folds ({entry['n_folds_skipped']} skipped)")

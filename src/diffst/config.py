@@ -286,8 +286,10 @@ class TrainConfig(BaseModel):
         Passed to DistributedDataParallel (needed only if some weights get no gradient).
     base_run
         A finished regression run (run folder or checkpoint folder) whose frozen prediction the diffusion
-        refines: required by ``diffusion.target: regression_residual`` and used by no other target. Its
-        checkpoint (path and step) is recorded in every checkpoint of this run, which inference reads.
+        refines, or a list of them: a seed ensemble (the same regression trained with other seeds), whose
+        mean answer is refined. Required by ``diffusion.target: regression_residual`` and used by no other
+        target. Its checkpoints (path and step) are recorded in every checkpoint of this run, which
+        inference reads.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -318,11 +320,15 @@ class TrainConfig(BaseModel):
     keep_last: int = Field(3, ge=1)
     tensorboard: bool = True
     find_unused_parameters: bool = False
-    base_run: str | None = None
+    base_run: str | list[str] | None = None
 
     @field_validator("base_run")
     @classmethod
-    def _base_home(cls, path: str | None) -> str | None:
+    def _base_home(cls, path: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(path, list):
+            if not path:
+                raise ValueError("base_run is an empty list; name at least one finished regression run")
+            return [_expand_home(p) for p in path]
         return None if path is None else _expand_home(path)
 
     @model_validator(mode="after")
@@ -572,8 +578,10 @@ def resolve_config(cfg: RunConfig, n_genes: int, image_channels: int) -> RunConf
     data["model"] = {"preset": None, **json.loads(model_cfg.model_dump_json(exclude={"learn_sigma"}))}
     data["data"]["path"] = str(Path(cfg.data.path).expanduser().resolve())
     data["run_dir"] = str(Path(cfg.run_dir).expanduser().resolve())
-    if cfg.train.base_run is not None:
-        data["train"]["base_run"] = str(Path(cfg.train.base_run).expanduser().resolve())
+    base = cfg.train.base_run
+    if base is not None:
+        resolved = [str(Path(p).expanduser().resolve()) for p in (base if isinstance(base, list) else [base])]
+        data["train"]["base_run"] = resolved if isinstance(base, list) else resolved[0]
     return parse_config(data, "<resolved config>")
 
 

@@ -48,6 +48,8 @@ __all__ = [
     "Run",
     "load_run",
     "load_base_run",
+    "base_run_record",
+    "base_run_records",
     "load_checkpoint",
     "read_training_state",
     "list_checkpoints",
@@ -174,6 +176,10 @@ class Run:
     base
         The frozen regression run a ``diffusion.target: regression_residual`` run refines (its checkpoint
         is the one ``state.json`` records under ``base_run``); None for every other run.
+    members
+        A regression run's fellow members of a seed ensemble (:func:`load_base_run` of several runs): the
+        same regression trained with other seeds; :meth:`predict_hr` averages all their answers. Empty for
+        a single run.
     """
 
     model: nn.Module
@@ -186,13 +192,20 @@ class Run:
     weights: Literal["ema", "model"] = "ema"
     state: dict[str, Any] = field(default_factory=dict)
     base: Run | None = None
+    members: tuple[Run, ...] = ()
+
+    @property
+    def models(self) -> tuple[nn.Module, ...]:
+        """The networks whose answers a prediction of this run averages: its own, then its members'."""
+        return (self.model, *(m.model for m in self.members))
 
     @torch.no_grad()
     def predict_hr(self, batch: dict[str, Any], device: str | torch.device, views: int = 1) -> torch.Tensor:
         """Return the model-space HR prediction of a regression run for a batch of tiles (no gradients).
 
         The conditions are built with the run's own final entropy threshold, as at inference, so a
-        two-stage run sees the same base prediction in training and in prediction.
+        two-stage run sees the same base prediction in training and in prediction. A seed ensemble
+        (:attr:`members`) answers with the mean of its members' answers.
 
         Parameters
         ----------
@@ -216,25 +229,29 @@ class Run:
         cond = Conditions.from_batch(batch, self.entropy_threshold).to(device)
         n_genes = len(self.dataset.genes) if self.dataset is not None else int(cond.lr.shape[1])
         tile = self.dataset.geometry.tile_hr if self.dataset is not None else int(batch["hr"].shape[-1])
-        return regression_point(self.model, cond, (cond.lr.shape[0], n_genes, tile, tile), self.config,
+        return regression_point(self.models, cond, (cond.lr.shape[0], n_genes, tile, tile), self.config,
                                 self.dataset, views)
 
 
-def regression_point(model: nn.Module, cond: Any, shape: tuple[int, int, int, int], config: RunConfig,
-                     dataset: DatasetSpec | None, views: int = 1) -> torch.Tensor:
+def regression_point(model: nn.Module | tuple[nn.Module, ...], cond: Any, shape: tuple[int, int, int, int],
+                     config: RunConfig, dataset: DatasetSpec | None, views: int = 1) -> torch.Tensor:
     """Return a regression's answer averaged over ``views`` square symmetries of its input, in model space.
 
     The model was trained on tiles turned and mirrored at random (``data.augment``); asked the same question
     under each of the 8 symmetries (:data:`~diffst.core.symmetry.SYMMETRIES`, the identity first) it answers
     slightly differently, and the mean of its answers, in counts, has less variance than any one of them
-    (test-time augmentation: one network call per view). A spot-ratio answer stays spot-consistent.
+    (test-time augmentation: one network call per view). Several models (a seed ensemble: the same
+    regression trained with other seeds) average the same way, over models and views. A spot-ratio answer
+    stays spot-consistent.
 
     Parameters
     ----------
-    model, cond, shape, config, dataset
+    model
+        The regression model, or a tuple of models of the same run configuration (an ensemble).
+    cond, shape, config, dataset
         As for :func:`regression_output`.
     views
-        1 to 8; 1 is :func:`regression_output` alone.
+        1 to 8; 1 with one model is :func:`regression_output` alone.
 
     Returns
     -------
@@ -245,16 +262,19 @@ def regression_point(model: nn.Module, cond: Any, shape: tuple[int, int, int, in
 
     if not 1 <= views <= len(SYMMETRIES):
         raise InputError(f"views={views}: a tile has {len(SYMMETRIES)} square symmetries; choose 1 to 8")
-    if views == 1:
-        return regression_output(model, cond, shape, config, dataset).maps
+    models = tuple(model) if isinstance(model, (tuple, list)) else (model,)
+    if views == 1 and len(models) == 1:
+        return regression_output(models[0], cond, shape, config, dataset).maps
     # Averaged in counts where the output has them (spot-ratio), else in model space.
     total, in_counts = None, False
-    for turns, flip in SYMMETRIES[:views]:
-        out = regression_output(model, cond.symmetry(turns, flip), shape, config, dataset)
-        in_counts = out.counts is not None
-        answer = undo_symmetry(out.counts if in_counts else out.maps, turns, flip)
-        total = answer if total is None else total + answer
-    return dataset.normaliser.to_model(total / views) if in_counts else total / views
+    for member in models:
+        for turns, flip in SYMMETRIES[:views]:
+            out = regression_output(member, cond.symmetry(turns, flip), shape, config, dataset)
+            in_counts = out.counts is not None
+            answer = undo_symmetry(out.counts if in_counts else out.maps, turns, flip)
+            total = answer if total is None else total + answer
+    n = views * len(models)
+    return dataset.normaliser.to_model(total / n) if in_counts else total / n
 
 
 def build_run_model(config: RunConfig) -> nn.Module:
@@ -611,27 +631,48 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", ema: bool = T
     spec = state.get("dataset")
     base = None
     if config.diffusion.target == "regression_residual":
-        recorded = state.get("base_run")
-        if not isinstance(recorded, dict) or "path" not in recorded:
+        records = base_run_records(state.get("base_run"))
+        if records is None:
             raise _damaged(folder, STATE, "records no base_run (the regression run this two-stage run refines)")
-        base = load_base_run(recorded["path"], device, expected_step=recorded.get("step"), user=folder)
+        base = load_base_run([r["path"] for r in records], device, expected_steps=[r.get("step") for r in records],
+                             user=folder)
     return Run(model=model, config=config, dataset=DatasetSpec.from_dict(spec) if spec else None,
                coexpression=_coexpression(model), entropy_threshold=state.get("entropy_threshold_final"),
                step=state["step"], path=folder, weights=weights, state=state, base=base)
 
 
-def load_base_run(path: str | Path, device: str | torch.device = "cpu", *, expected_step: int | None = None,
-                  user: str | Path | None = None) -> Run:
-    """Load the frozen regression run a two-stage run (``diffusion.target: regression_residual``) refines.
+def base_run_records(recorded: Any) -> list[dict[str, Any]] | None:
+    """Read the ``base_run`` entry of a two-stage checkpoint's ``state.json``: a list of ``{path, step}``.
+
+    One base run is recorded as a mapping, a seed ensemble as a list of them; None if the entry is missing
+    or malformed.
+    """
+    records = [recorded] if isinstance(recorded, dict) else recorded
+    if not isinstance(records, list) or not records or not all(isinstance(r, dict) and "path" in r for r in records):
+        return None
+    return records
+
+
+def base_run_record(base: Run) -> dict[str, Any] | list[dict[str, Any]]:
+    """Return what a two-stage checkpoint records of its base run(s) (see :func:`base_run_records`)."""
+    records = [{"path": str(r.path), "step": r.step} for r in (base, *base.members)]
+    return records[0] if len(records) == 1 else records
+
+
+def load_base_run(path: str | Path | list[str | Path] | tuple[str | Path, ...], device: str | torch.device = "cpu", *,
+                  expected_steps: list[int | None] | None = None, user: str | Path | None = None) -> Run:
+    """Load the frozen regression run(s) a two-stage run (``diffusion.target: regression_residual``) refines.
 
     Parameters
     ----------
     path
-        The base run: a run folder (its latest checkpoint) or a checkpoint folder.
+        The base run: a run folder (its latest checkpoint) or a checkpoint folder; or a list of them, a seed
+        ensemble (the same regression trained with other seeds on the same data), returned as the first run
+        with the others as its :attr:`Run.members`.
     device
-        Where to put its model.
-    expected_step
-        The step of the checkpoint the two-stage run recorded; another step is an error.
+        Where to put the models.
+    expected_steps
+        The step of the checkpoint the two-stage run recorded, one per base run; another step is an error.
     user
         The run or checkpoint that needs the base (named in error messages).
 
@@ -643,8 +684,23 @@ def load_base_run(path: str | Path, device: str | torch.device = "cpu", *, expec
     Raises
     ------
     InputError
-        If the base run is missing, damaged, not a regression run, itself a two-stage run or at another step.
+        If a base run is missing, damaged, not a regression run, itself a two-stage run, at another step, or
+        (for an ensemble) trained on other genes, normalisation, geometry or settings than the first.
     """
+    paths = list(path) if isinstance(path, (list, tuple)) else [path]
+    steps = list(expected_steps) if expected_steps is not None else [None] * len(paths)
+    if not paths or len(steps) != len(paths):
+        raise InputError("train.base_run names no regression run; give the folder of a finished regression run")
+    runs = [_load_one_base(p, device, s, user) for p, s in zip(paths, steps, strict=True)]
+    first = runs[0]
+    for other in runs[1:]:
+        _check_same_regression(first, other, user)
+    first.members = tuple(runs[1:])
+    return first
+
+
+def _load_one_base(path: str | Path, device: str | torch.device, expected_step: int | None,
+                   user: str | Path | None) -> Run:
     needed = f" (needed by {user})" if user is not None else ""
     if not Path(path).exists():
         raise InputError(f"base run {path} does not exist{needed}; train the regression run first "
@@ -659,6 +715,22 @@ def load_base_run(path: str | Path, device: str | torch.device = "cpu", *, expec
                          f"trained on step {expected_step}")
     base.model.requires_grad_(False)
     return base
+
+
+def _check_same_regression(first: Run, other: Run, user: str | Path | None) -> None:
+    """Check that two ensemble members answer the same question the same way (data description, settings)."""
+    needed = f" (needed by {user})" if user is not None else ""
+    a, b = first.dataset, other.dataset
+    same_data = (a is None) == (b is None) and (a is None or (a.genes == b.genes and a.normaliser == b.normaliser
+                                                             and a.geometry.scale == b.geometry.scale
+                                                             and a.geometry.tile_hr == b.geometry.tile_hr))
+    same_kind = (first.config.train.regression == other.config.train.regression
+                 and first.config.diffusion.target == other.config.diffusion.target
+                 and first.entropy_threshold == other.entropy_threshold)
+    if not (same_data and same_kind):
+        raise InputError(f"base runs {first.path} and {other.path}{needed} cannot be averaged: they were trained on "
+                         "other genes, normalisation or tile geometry, or with other regression settings; train "
+                         "every member of an ensemble from one configuration, changing only its seed")
 
 
 def load_checkpoint(

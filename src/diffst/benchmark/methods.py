@@ -20,6 +20,8 @@ LEARNED: dict[str, dict[str, Any]] = {
     # Diff-ST's stage one alone: the spot-ratio regression (diffst.training.recipe); the point estimate of
     # every two-stage method is its stage one's, so these are the cheap ablations of that answer.
     "regression": {"train": {"objective": "regression", "regression": "spot_poisson"}},
+    # One member of that ensemble alone (the run of seed ``seed``, shared): what the seed ensemble adds.
+    "regression-one-seed": {"train": {"objective": "regression", "regression": "spot_poisson"}},
     "regression-no-cam": {"model": {"use_cam": False}, "train": {"objective": "regression", "regression": "spot_poisson"}},
     "regression-no-graph": {"model": {"use_graph": False},
                             "train": {"objective": "regression", "regression": "spot_poisson"}},
@@ -47,11 +49,15 @@ TWO_STAGE: dict[str, dict[str, Any]] = {
     "diffst-no-graph": {"use_graph": False},
     "diffst-no-hier": {"use_hierarchical": False},
 }
+# Stage-one methods are seed ensembles (diffst.training.recipe): ``members`` runs of seeds seed, seed + 1, ...,
+# run folders ``<regression method>-<budget>-seed<seed + k>``, answers averaged in counts.
+ENSEMBLED = ("regression", "regression-no-cam", "regression-no-graph", "regression-no-hier", "regression-mse",
+             "regression-linear-prior", *TWO_STAGE)
 # Training-free baselines; "+spots": the same output made spot-consistent (project_to_spots).
 BASELINES = ("bicubic", "nearest", "ridge", "tesla", "bicubic+spots", "ridge+spots", "tesla+spots")
 TRAINED = (*LEARNED, *TWO_STAGE)
 METHODS = (*BASELINES, *TRAINED)
-ABLATIONS = (*TWO_STAGE, "regression", "regression-no-cam", "regression-no-graph", "regression-no-hier",
+ABLATIONS = (*TWO_STAGE, "regression", "regression-one-seed", "regression-no-cam", "regression-no-graph", "regression-no-hier",
              "regression-mse", "regression-linear-prior")
 #: Samples drawn per test tile by the sampling methods (their intervals' and spread's source).
 INTERVAL_SAMPLES = 4
@@ -96,9 +102,16 @@ def stage_one_steps(budget: str) -> int | None:
     return STAGE_ONE_STEPS if budget == "full" else None
 
 
-def base_run_dir(method: str, run_dir: Path, budget: str, seed: int) -> Path:
-    """Run folder of a two-stage method's stage one, beside its own (``diffst`` shares ``regression``'s)."""
-    return run_dir.parent / f"regression{method[len('diffst'):]}-{budget}-seed{seed}"
+def member_run_dirs(method: str, run_dir: Path, budget: str, seed: int, members: int) -> list[Path]:
+    """Run folders of a stage-one method's regression runs (a two-stage method's stage one), beside ``run_dir``.
+
+    Member k is ``<regression method>-<budget>-seed<seed + k>``, so ensembles of other sizes and seeds share
+    runs: ``diffst`` shares ``regression``'s, and ``regression-one-seed`` is ``regression``'s first member.
+    """
+    if method == "regression-one-seed":
+        return [run_dir.parent / f"regression-{budget}-seed{seed}"]
+    stem = f"regression{method[len('diffst'):]}" if method in TWO_STAGE else method
+    return [run_dir.parent / f"{stem}-{budget}-seed{seed + k}" for k in range(members)]
 
 
 def run_config(method: str, data_path: Path, run_dir: Path, budget: str, seed: int, device: str):
@@ -109,25 +122,42 @@ def run_config(method: str, data_path: Path, run_dir: Path, budget: str, seed: i
     return parse_config(data, f"benchmark method {method}")
 
 
-def train_method(method: str, data_path: Path, run_dir: Path, budget: str, seed: int, device: str) -> Path:
-    """Train (or resume, or reuse) a trained method's run(s) on a fold's train split; returns the run to predict."""
+def train_method(method: str, data_path: Path, run_dir: Path, budget: str, seed: int, device: str,
+                 members: int = 1) -> list[Path]:
+    """Train (or resume, or reuse) a trained method's run(s) on a fold's train split; returns the runs to predict.
+
+    A stage-one method (:data:`ENSEMBLED`) trains ``members`` regression runs and returns them all (their
+    answers are averaged); a two-stage method trains them as its stage one, then its stage two, and returns
+    that; other methods train and return their one run.
+    """
     from diffst.config import parse_config
     from diffst.runs import latest_checkpoint
     from diffst.training import train
     from diffst.training.recipe import stage_one_config, stage_two_config
 
     name = f"benchmark method {method}"
-    data = run_config_dict(method, data_path, run_dir, budget, seed, device)
-    if method in TWO_STAGE:
-        first = stage_one_config(data, stage_one_steps(budget))
-        first["run_dir"] = str(base_run_dir(method, run_dir, budget, seed))
-        base = train(parse_config(first, name), resume=latest_checkpoint(first["run_dir"]) is not None)
-        data = stage_two_config(data, base)
-    return train(parse_config(data, name), resume=latest_checkpoint(run_dir) is not None)
+    if method not in ENSEMBLED and method != "regression-one-seed":
+        data = run_config_dict(method, data_path, run_dir, budget, seed, device)
+        return [train(parse_config(data, name), resume=latest_checkpoint(run_dir) is not None)]
+    regression = "regression" if method == "regression-one-seed" else method
+    runs = []
+    for k, folder in enumerate(member_run_dirs(method, run_dir, budget, seed, members)):
+        if method in TWO_STAGE:
+            first = stage_one_config(run_config_dict(method, data_path, run_dir, budget, seed + k, device),
+                                     stage_one_steps(budget))
+            first["run_dir"] = str(folder)
+        else:
+            first = run_config_dict(regression, data_path, folder, budget, seed + k, device)
+        runs.append(train(parse_config(first, name), resume=latest_checkpoint(folder) is not None))
+    if method not in TWO_STAGE:
+        return runs
+    data = stage_two_config(run_config_dict(method, data_path, run_dir, budget, seed, device),
+                            runs if len(runs) > 1 else runs[0])
+    return [train(parse_config(data, name), resume=latest_checkpoint(run_dir) is not None)]
 
 
 def predict_method(method: str, data_path: Path, *, run_dir: Path | None = None, budget: str = "tiny",
-                   seed: int = 0, device: str = "cpu", samples: bool = False):
+                   seed: int = 0, device: str = "cpu", samples: bool = False, members: int = 1):
     """HR counts of the test tiles of ``data_path`` predicted by ``method``, shape (T, N, H, W).
 
     Parameters
@@ -140,6 +170,8 @@ def predict_method(method: str, data_path: Path, *, run_dir: Path | None = None,
         Run folder of a trained method (reused and resumed when it exists).
     budget, seed, device
         Training budget (:data:`BUDGETS`), seed and device of trained methods.
+    members
+        Seed-ensemble size of stage-one methods (:data:`ENSEMBLED`); others ignore it.
     samples
         Also return the K sampled count maps of sampling methods, (K, T, N, H, W), or None for others.
 
@@ -148,13 +180,12 @@ def predict_method(method: str, data_path: Path, *, run_dir: Path | None = None,
     np.ndarray or tuple
         Predicted counts per HR bin, float32 (with ``samples``: ``(counts, sampled counts or None)``).
     """
-    if samples:
-        return _predict(method, data_path, run_dir, budget, seed, device)
-    return _predict(method, data_path, run_dir, budget, seed, device)[0]
+    counts, drawn = _predict(method, data_path, run_dir, budget, seed, device, members)
+    return (counts, drawn) if samples else counts
 
 
 def _predict(method: str, data_path: Path, run_dir: Path | None, budget: str, seed: int,
-             device: str) -> tuple[np.ndarray, np.ndarray | None]:
+             device: str, members: int = 1) -> tuple[np.ndarray, np.ndarray | None]:
     from diffst.data.dataset import PreparedTiles
 
     test = PreparedTiles(data_path, "test")
@@ -186,14 +217,14 @@ def _predict(method: str, data_path: Path, run_dir: Path | None, budget: str, se
         if run_dir is None:
             raise ValueError(f"method {method} needs a run folder")
         from diffst.inference.predict import predict_checkpoint
+        from diffst.runs import load_base_run, load_run
 
-        run = train_method(method, data_path, run_dir, budget, seed, device)
-        from diffst.runs import load_run
-
-        loaded = load_run(run, device=device)
+        runs = train_method(method, data_path, run_dir, budget, seed, device, members)
+        # Several runs are a seed ensemble of regressions (averaged as a two-stage run's base is).
+        loaded = load_base_run(runs, device) if len(runs) > 1 else load_run(runs[0], device=device)
         sampling = loaded.config.train.objective == "diffusion"
         # Sampling methods draw INTERVAL_SAMPLES samples: their spread gives the intervals the benchmark scores.
-        _, preds, _ = predict_checkpoint(run, data_path, split="test", device=device, seed=seed, progress=False,
+        _, preds, _ = predict_checkpoint(runs[0], data_path, split="test", device=device, seed=seed, progress=False,
                                          run=loaded, sampler={"num_samples": INTERVAL_SAMPLES} if sampling else None)
         drawn = np.asarray(test.normaliser.to_counts(preds.samples_model), dtype=np.float32) if sampling else None
         return np.asarray(preds.mean, dtype=np.float32), drawn

@@ -29,11 +29,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from diffst.benchmark.folds import Fold, make_folds
-from diffst.benchmark.methods import BUDGETS, METHODS, TRAINED, predict_method
+from diffst.benchmark.methods import BUDGETS, ENSEMBLED, METHODS, TRAINED, predict_method
 from diffst.benchmark.store import read_json, write_json
 from diffst.core.sample import Sample
 from diffst.errors import InputError
 from diffst.evaluation.report import scoring_mask
+from diffst.training.recipe import STAGE_ONE_MEMBERS
 
 log = logging.getLogger("diffst.benchmark")
 #: Training tissue (in tile areas) a fold must keep beside its validation region for the region to be used.
@@ -162,16 +163,24 @@ def calibrate_folds(out: Path, cells: list[dict[str, Any]]) -> dict[str, Any]:
     return result
 
 
-def _cell_setup(setup: dict[str, Any], status: dict[str, Any] | None) -> dict[str, Any]:
-    """Return what a cell's result depends on: the run's setup, plus the fold's validation region if any."""
+def _cell_setup(setup: dict[str, Any], status: dict[str, Any] | None, method: str, members: int) -> dict[str, Any]:
+    """Return what a method's cell depends on: the run's setup and the fold's validation region if any.
+
+    A stage-one method's cell also depends on its seed-ensemble size (a key of those methods only, so the
+    other methods' cells stay valid when it changes).
+    """
     val = (status or {}).get("val_region")
-    return {**setup, "val_region": val} if val else setup
+    cell = {**setup, "val_region": val} if val else dict(setup)
+    if method in ENSEMBLED and members != 1:
+        cell["members"] = members
+    return cell
 
 
-def _cached_cells(cell_dir: Path, methods: Sequence[str], setup: dict[str, Any]) -> dict[str, dict]:
+def _cached_cells(cell_dir: Path, methods: Sequence[str], setup: dict[str, Any], status: dict[str, Any] | None,
+                  members: int) -> dict[str, dict]:
     """Finished cells of this fold whose setup matches (reused as they are)."""
     cells = {m: read_json(cell_dir / f"{m}.json") for m in methods}
-    return {m: c for m, c in cells.items() if c and c.get("setup") == setup}
+    return {m: c for m, c in cells.items() if c and c.get("setup") == _cell_setup(setup, status, m, members)}
 
 
 @contextlib.contextmanager
@@ -274,6 +283,7 @@ def run_benchmark(
     self_supervised: bool = False,
     test_samples: Sequence[str] | None = None,
     tile_lr: int | None = None,
+    members: int = STAGE_ONE_MEMBERS,
 ) -> dict[str, Any]:
     """Run (or resume) the benchmark and write its cells, ``benchmark.json``, ``benchmark.md`` and figures.
 
@@ -312,6 +322,9 @@ def run_benchmark(
     tile_lr
         Self-supervised mode: LR blocks per tile side (default: tiles of about 16 x 16 spots); smaller tiles
         leave room for region folds inside one small section.
+    members
+        Seed-ensemble size of Diff-ST's stage one and its ablations (:data:`~diffst.benchmark.methods.ENSEMBLED`;
+        default :data:`~diffst.training.recipe.STAGE_ONE_MEMBERS`, as ``diffst train --two-stage`` trains).
 
     Returns
     -------
@@ -326,6 +339,8 @@ def run_benchmark(
 
     if budget not in BUDGETS:
         raise InputError(f"Unknown budget '{budget}'; choose one of {list(BUDGETS)}.")
+    if members < 1:
+        raise InputError(f"members={members}: a seed ensemble has at least one member (1: a single run).")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise InputError(f"Unknown method(s) {unknown}; choose from {', '.join(METHODS)}.")
@@ -360,13 +375,13 @@ def run_benchmark(
         data_path = out / "prepared" / f"s{scale}" / fold.name
         fold_file = cell_dir / "_fold.json"
         status = read_json(fold_file)
-        cached = _cached_cells(cell_dir, methods, _cell_setup(setup, status))
+        cached = _cached_cells(cell_dir, methods, setup, status, members)
         if not (status and status.get("setup") == setup and (status["status"] == "skipped" or len(cached) == len(methods))):
             fold_samples = list(samples) if fold.test_samples else [by_name[fold.sample]]
             status = {**_prepare_fold(fold_samples, fold, geom, data_path, gene_list, train_stride_um,
                                       min_tissue, self_supervised), "setup": setup}
             write_json(fold_file, status)
-            cached = _cached_cells(cell_dir, methods, _cell_setup(setup, status))
+            cached = _cached_cells(cell_dir, methods, setup, status, members)
         fold_rows.append({"scale": scale, "fold": fold.name, "sample": fold.sample, "index": fold.index,
                           "cell": setup["cell"], "region": setup["region"], "test_samples": list(fold.test_samples),
                           **{k_: v for k_, v in status.items() if k_ != "setup"}})
@@ -399,10 +414,10 @@ def run_benchmark(
                 run_dir = out / "runs" / f"s{scale}" / fold.name / f"{method}-{budget}-seed{seed}"
                 start = time.perf_counter()
                 pred, drawn = predict_method(method, data_path, run_dir=run_dir if method in TRAINED else None,
-                                             budget=budget, seed=seed, device=device, samples=True)
+                                             budget=budget, seed=seed, device=device, samples=True, members=members)
                 truth = np.asarray(test.hr_counts)
                 mask = scoring_mask(test)
-                cell = {"setup": _cell_setup(setup, status), "scale": scale, "fold": fold.name, "sample": fold.sample, "method": method,
+                cell = {"setup": _cell_setup(setup, status, method, members), "scale": scale, "fold": fold.name, "sample": fold.sample, "method": method,
                         "n_test_tiles": len(truth), "tile_ids": list(test.tiles["tile_id"]), "genes": gene_list,
                         **_cell_metrics(pred, truth, test.normaliser,
                                         np.stack([test.tiles["x0_um"], test.tiles["y0_um"]], axis=1), geom.hr_bin_um,
@@ -422,7 +437,7 @@ def run_benchmark(
                         "budget": budget, "budget_preset": BUDGETS[budget], "seed": seed, "genes": gene_list,
                         "samples": [s.name for s in samples], "train_stride_um": train_stride_um,
                         "min_tissue": min_tissue, "self_supervised": self_supervised, "test_samples": test_samples,
-                        "tile_lr": tile_lr},
+                        "tile_lr": tile_lr, "members": members},
               "folds": fold_rows, "cells": [{k_: v for k_, v in c.items() if k_ != "setup"} for c in all_cells]}
     result["summary"] = summarise(result, seed=seed)
     result["calibration"] = calibrate_folds(out, result["cells"])

@@ -52,7 +52,9 @@ class PreparedTiles(Dataset):
     truth, ``hr`` (N, H, W), both in the normaliser's model space, with ``hr_mask`` (H, W) (bool: the
     HR bins that were measured; all True for point data, the bins holding a spot in the self-supervised
     mode); ``lr_mask`` (h, w); ``tissue``
-    (C, S, S) and ``cells`` (M, C, p, p) in [0, 1]; ``cell_entropy`` (M,); and ``index``.
+    (C, S, S) and ``cells`` (M, C, p, p) in [0, 1]; ``cell_entropy`` (M,); ``index``; and ``symmetry``, the
+    position in :data:`~diffst.core.symmetry.SYMMETRIES` of the symmetry applied (0, the identity, without
+    augmentation).
     ``normaliser`` overrides the dataset's own (use the trained model's when predicting). ``holdout``
     (:class:`~diffst.data.holdout.BinHoldout`) hides held-out squares of the tissue from ``hr_mask`` (the
     training view) or leaves only them (the validation view): model selection without a validation split.
@@ -149,8 +151,9 @@ class PreparedTiles(Dataset):
             hr_mask = np.array(self.hr_mask[i], dtype=bool)
             if self.held_bins is not None:
                 hr_mask &= self.held_bins[i] if self.holdout.keep == "held" else ~self.held_bins[i]
-        if self.augment:
-            k, flip = SYMMETRIES[self._rng.integers(len(SYMMETRIES))]
+        symmetry = int(self._rng.integers(len(SYMMETRIES))) if self.augment else 0  # 0: the identity
+        if symmetry:
+            k, flip = SYMMETRIES[symmetry]
             lr, mask, tissue = apply_symmetry(lr, k, flip), apply_symmetry(mask, k, flip), apply_symmetry(tissue, k, flip)
             if hr is not None:
                 hr, hr_mask = apply_symmetry(hr, k, flip), apply_symmetry(hr_mask, k, flip)
@@ -162,6 +165,7 @@ class PreparedTiles(Dataset):
             "cells": _tensor(cells),
             "cell_entropy": _tensor(entropy),
             "index": torch.tensor(i),
+            "symmetry": torch.tensor(symmetry),
         }
         if hr is not None:
             item["hr"] = _tensor(hr, np.float32)

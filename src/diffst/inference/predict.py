@@ -151,7 +151,7 @@ def iter_batches(
         # A two-stage run's samples are residuals over its frozen regression run's prediction.
         base = run.base.predict_hr(batch, device, views=sampler.point_views) if run.base is not None else None
         if regression:
-            hr = regression_point(model, cond, (len(idx), *shape_hr), cfg, run.dataset, sampler.point_views)[None]
+            hr = regression_point(run.models, cond, (len(idx), *shape_hr), cfg, run.dataset, sampler.point_views)[None]
             x0_point = hr[0]
         else:
             # Encoded once per batch, not at every sampler step: the conditions depend on neither x nor t.
@@ -546,6 +546,10 @@ def prediction_extras(run: Run, sampler: SamplerConfig, seed: int) -> dict[str, 
                       "mixed with Poisson counting noise"}
     if run.base is not None:
         extras.update(base_checkpoint=str(run.base.path), base_step=run.base.step)
+        if run.base.members:  # a seed ensemble: the other members' checkpoints
+            extras["base_members"] = [str(m.path) for m in run.base.members]
+    if run.members:
+        extras["members"] = [str(m.path) for m in run.members]
     return extras
 
 

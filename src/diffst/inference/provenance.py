@@ -145,8 +145,8 @@ def prediction_provenance(extras: Mapping[str, Any], data: str | Path, split: st
     ----------
     extras
         What :func:`diffst.inference.predict.predict_checkpoint` returns beside the predictions
-        (``checkpoint``, ``step``, ``weights``, ``sampler``, ``seed``, optionally ``base_checkpoint`` and
-        ``base_step``).
+        (``checkpoint``, ``step``, ``weights``, ``sampler``, ``seed``, optionally ``base_checkpoint``,
+        ``base_step``, ``base_members`` and ``members``).
     data, split
         The prepared dataset and split that were predicted.
     meta
@@ -162,7 +162,8 @@ def prediction_provenance(extras: Mapping[str, Any], data: str | Path, split: st
     dict
         ``created``, ``diffst_version``, ``torch_version``, ``python_version``, ``checkpoint``, ``step``,
         ``weights``, ``checkpoint_files`` (path / size_bytes / sha256), ``base_checkpoint`` and ``base_step``
-        for a two-stage run, ``sampler``, ``seed``, ``num_samples``, ``input`` (``kind`` "prepared",
+        for a two-stage run (``base_members``: the other checkpoints of a seed-ensemble base; ``members``: those
+        of a regression ensemble predicted alone), ``sampler``, ``seed``, ``num_samples``, ``input`` (``kind`` "prepared",
         ``dataset``, ``split``, ``files`` with sizes and sha256, ``source_files``: the raw files
         ``dataset.json`` names, with sizes and sha256 where they still exist).
     """
@@ -191,6 +192,9 @@ def prediction_provenance(extras: Mapping[str, Any], data: str | Path, split: st
     if extras.get("base_checkpoint"):
         record["base_checkpoint"] = str(extras["base_checkpoint"])
         record["base_step"] = int(extras["base_step"])
+    for key in ("base_members", "members"):
+        if extras.get(key):
+            record[key] = [str(p) for p in extras[key]]
     if extras.get("intervals"):
         record["intervals"] = dict(extras["intervals"])  # how the interval layers were made (and calibrated)
     return record

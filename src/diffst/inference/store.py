@@ -53,7 +53,7 @@ def run_identity(run) -> dict[str, Any]:
 
     The hash is the sha256 of the checkpoint's ``manifest.json`` (which holds the sha256 of every other file)
     or, for checkpoints written before manifests, of all its files. A two-stage run adds its regression
-    stage's identity under ``base``.
+    stage's identity under ``base``; a seed ensemble its other members' under ``members``.
     """
     path = Path(run.path)
     manifest = path / "manifest.json"
@@ -68,6 +68,8 @@ def run_identity(run) -> dict[str, Any]:
               "sha256": digest}
     if getattr(run, "base", None) is not None:
         record["base"] = run_identity(run.base)
+    if getattr(run, "members", ()):
+        record["members"] = [run_identity(m) for m in run.members]
     return record
 
 

@@ -39,7 +39,16 @@ from diffst.config import ConfigError, RunConfig, resolve_config, save_config
 from diffst.core.curriculum import curriculum_threshold
 from diffst.errors import InputError, TrainingInterrupted
 from diffst.models.graph import coexpression_matrix
-from diffst.runs import BEST_DIR, DatasetSpec, Run, checkpoint_folder, latest_checkpoint, load_base_run
+from diffst.runs import (
+    BEST_DIR,
+    DatasetSpec,
+    Run,
+    base_run_record,
+    base_run_records,
+    checkpoint_folder,
+    latest_checkpoint,
+    load_base_run,
+)
 from diffst.training.checkpoint import Checkpointer, clean_temporary, run_lock
 from diffst.training.data import (
     STREAM_NOISE,
@@ -52,6 +61,7 @@ from diffst.training.data import (
     open_datasets,
     training_tiles,
 )
+from diffst.training.frozen_base import FrozenBase
 from diffst.training.metrics import MetricsLogger, metric_columns, val_columns
 from diffst.training.objectives import make_objective
 from diffst.training.state import TrainState
@@ -192,7 +202,11 @@ class Trainer:
         prior = self._fit_linear_prior(chosen) if checkpoint is None else None
         self.state = TrainState.create(self.rcfg, coexpression, self.accelerator, checkpoint, prior)
         self.base = self._base_run(checkpoint)
-        self.objective = make_objective(self.rcfg, self.base, self.spec)
+        self.objective = make_objective(self.rcfg, self._frozen_base(self.train_ds), self.spec)
+        # Validation tiles are another split's (or, with a held-out share, the training split's own).
+        same = self.val_ds is None or getattr(self.val_ds, "dataset", self.val_ds).split == self.train_ds.split
+        self.val_objective = (self.objective if same else
+                              make_objective(self.rcfg, self._frozen_base(self.val_ds), self.spec))
         self.view = SeededTiles(self.train_ds, cfg.seed)
         self.info = {
             "world_size": self.world, "device": str(self.device),
@@ -258,9 +272,10 @@ class Trainer:
         """Load the frozen regression run of a two-stage run (on resume: the checkpoint it recorded), or None."""
         if self.rcfg.diffusion.target != "regression_residual":
             return None
-        recorded = (checkpoint or {}).get("state", {}).get("base_run")
+        recorded = base_run_records((checkpoint or {}).get("state", {}).get("base_run"))
         if recorded:
-            base = load_base_run(recorded["path"], self.device, expected_step=recorded["step"], user=self.run_dir)
+            base = load_base_run([r["path"] for r in recorded], self.device,
+                                 expected_steps=[r["step"] for r in recorded], user=self.run_dir)
         else:
             base = load_base_run(self.rcfg.train.base_run, self.device, user=self.run_dir)
         spec = base.dataset
@@ -271,8 +286,15 @@ class Trainer:
                              f"{self.cfg.data.path}; train the regression run on the same prepared dataset")
         return base
 
-    def _base_record(self) -> dict[str, Any]:
-        return {"path": str(self.base.path), "step": self.base.step}
+    def _frozen_base(self, dataset) -> FrozenBase | None:
+        """Return the base run's answers for the tiles of ``dataset``'s split (None without a base run)."""
+        if self.base is None:
+            return None
+        split = getattr(dataset, "dataset", dataset).split
+        return FrozenBase(self.base, self.cfg.data.path, split, self.rcfg.sampler.point_views)
+
+    def _base_record(self) -> dict[str, Any] | list[dict[str, Any]]:
+        return base_run_record(self.base)
 
     def _finish(self) -> None:
         sums = self.accelerator.gather(
@@ -417,7 +439,7 @@ class Trainer:
         """
         from torch.utils.data import DataLoader
 
-        cfg, objective = self.cfg, self.objective
+        cfg, objective = self.cfg, self.val_objective
         loader = DataLoader(self.val_ds, batch_size=cfg.data.batch_size, shuffle=False, num_workers=0)
         out: dict[str, float] = {}
         for tag, model in (("", self.state.model), ("_ema", self.state.ema.model)):

@@ -28,7 +28,16 @@ from diffst.config import RunConfig
 from diffst.diffusion.process import GaussianDiffusion
 from diffst.diffusion.target import TargetKind, encode_target, lr_on_hr_grid
 from diffst.models.base import Conditions, regress
-from diffst.runs import DatasetSpec, Run, regression_output
+from diffst.runs import DatasetSpec, regression_output
+
+
+class BaseAnswers(Protocol):
+    """What a ``regression_residual`` objective asks of its frozen base: HR answers for a batch, in model space.
+
+    A :class:`~diffst.training.frozen_base.FrozenBase`, or a loaded regression :class:`~diffst.runs.Run`.
+    """
+
+    def predict_hr(self, batch: Mapping[str, Tensor], device: torch.device) -> Tensor: ...
 
 __all__ = ["Objective", "DiffusionObjective", "RegressionObjective", "SpotPoissonObjective", "make_objective",
            "hr_mask_of", "masked_mean"]
@@ -90,7 +99,7 @@ def masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
 
 
 def _inputs(batch: Mapping[str, Tensor], entropy_threshold: float | None, target: TargetKind,
-            device: torch.device, base: Run | None = None,
+            device: torch.device, base: BaseAnswers | None = None,
             fill_unmeasured: bool = False) -> tuple[Tensor, Conditions]:
     """Return the target x0 and the conditions of a batch, on ``device``.
 
@@ -128,7 +137,7 @@ class DiffusionObjective:
     terms = ("diffusion_loss", "eps_mse", "vlb", "disentangle")
     val_terms = {"loss": "diffusion_loss", "eps_mse": "eps_mse", "vlb": "vlb"}
 
-    def __init__(self, diffusion: GaussianDiffusion, aux_weight: float, base: Run | None = None):
+    def __init__(self, diffusion: GaussianDiffusion, aux_weight: float, base: BaseAnswers | None = None):
         self.diffusion = diffusion
         self.aux_weight = aux_weight
         self.base = base
@@ -167,7 +176,7 @@ class RegressionObjective:
     terms = ("mse", "disentangle")
     val_terms = {"loss": "mse"}
 
-    def __init__(self, target: TargetKind, aux_weight: float, base: Run | None = None):
+    def __init__(self, target: TargetKind, aux_weight: float, base: BaseAnswers | None = None):
         self.target = target
         self.aux_weight = aux_weight
         self.base = base
@@ -235,7 +244,7 @@ def _with_aux(loss: Tensor, terms: dict[str, Tensor], weight: float) -> tuple[Te
     return loss, terms
 
 
-def make_objective(cfg: RunConfig, base: Run | None = None,
+def make_objective(cfg: RunConfig, base: BaseAnswers | None = None,
                    dataset: DatasetSpec | None = None) -> DiffusionObjective | RegressionObjective | SpotPoissonObjective:
     """Make the objective ``cfg.train.objective`` names, set up from ``cfg``.
 
@@ -244,8 +253,8 @@ def make_objective(cfg: RunConfig, base: Run | None = None,
     cfg
         The run configuration (``train.objective``, ``train.disentangle_weight``, ``diffusion``).
     base
-        The loaded frozen regression run (:func:`diffst.runs.load_base_run`) of a ``regression_residual``
-        target; None otherwise.
+        The frozen regression run's answers (:class:`~diffst.training.frozen_base.FrozenBase`) of a
+        ``regression_residual`` target; None otherwise.
     dataset
         The training data's description (``spot_poisson`` regression needs its normaliser and scale).
 
