@@ -15,7 +15,8 @@ from diffst.benchmark.folds import grid_regions, grow_to_tile
 from diffst.cli import app
 
 runner = CliRunner()
-METHODS = ("bicubic", "ridge", "diffst")
+METHODS = ("bicubic", "ridge", "regression", "regression-one-seed", "diffst")
+MEMBERS = 2  # stage one's seed ensemble, kept small here
 
 
 def _area(r):
@@ -64,7 +65,7 @@ def tiny_benchmark(tmp_path_factory):
     torch.set_num_threads(1)
     try:
         result = run_benchmark([sample], out, scales=(10,), k=4, methods=METHODS, budget="tiny", device="cpu",
-                               progress=False)
+                               progress=False, members=MEMBERS)
     finally:
         torch.set_num_threads(threads)
     return sample, out, result
@@ -114,6 +115,31 @@ def test_tiny_benchmark_writes_finite_metrics_and_intervals(tiny_benchmark):
     assert (out / "figures" / "calibration.png").stat().st_size > 0 and "Intervals: coverage" in table
 
 
+def test_stage_one_is_a_seed_ensemble_sharing_its_runs(tiny_benchmark):
+    from diffst.benchmark.methods import member_run_dirs
+
+    _, out, result = tiny_benchmark
+    fold = next(f["fold"] for f in result["folds"] if f["status"] == "ok")
+    runs = out / "runs" / "s10" / fold
+    # diffst's stage one is regression's ensemble, regression-one-seed its first member: no other folders.
+    assert sorted(p.name for p in runs.iterdir()) == ["diffst-tiny-seed0", "regression-tiny-seed0",
+                                                     "regression-tiny-seed1"]
+    assert member_run_dirs("diffst", runs / "diffst-tiny-seed0", "tiny", 0, MEMBERS) == [
+        runs / "regression-tiny-seed0", runs / "regression-tiny-seed1"]
+    cells = out / "cells" / "s10" / fold
+    ensemble, single = (np.load(cells / f"{m}.npz")["counts"] for m in ("regression", "regression-one-seed"))
+    assert not np.allclose(ensemble, single)
+    np.testing.assert_allclose(np.load(cells / "diffst.npz")["counts"], ensemble, rtol=1e-5, atol=1e-5)
+    assert json.loads((cells / "regression.json").read_text())["setup"]["members"] == MEMBERS
+    assert "members" not in json.loads((cells / "bicubic.json").read_text())["setup"]
+    # Diff-ST's answer against the strongest competitor, paired on the same tiles.
+    versus = result["summary"]["s10"]["versus_best"]
+    assert versus["method"] == "diffst" and versus["best_competitor"] in ("bicubic", "ridge")
+    lo, hi = versus["pcc_diff_ci"]
+    assert lo <= versus["pcc_diff"] <= hi
+    assert "the competitor of highest PCC" in (out / "benchmark.md").read_text()
+
+
 def test_region_metrics_count_each_bin_once():
     from diffst.evaluation.metrics import mosaic, region_metrics
 
@@ -147,7 +173,7 @@ def test_second_run_reuses_every_cell(tiny_benchmark, monkeypatch):
     monkeypatch.setattr(bench_run, "predict_method", no_work)
     monkeypatch.setattr("diffst.data.prepare.prepare_dataset", no_work)
     again = run_benchmark([sample], out, scales=(10,), k=4, methods=METHODS, budget="tiny", device="cpu",
-                          progress=False)
+                          progress=False, members=MEMBERS)
     assert {p: p.stat().st_mtime_ns for p in cells} == before
     assert clean_json(again["summary"]) == json.loads((out / "benchmark.json").read_text())["summary"]
     assert again["summary"]["s10"]["methods"]["diffst"]["pcc"] == pytest.approx(

@@ -56,6 +56,10 @@ ENSEMBLED = ("regression", "regression-no-cam", "regression-no-graph", "regressi
 # Training-free baselines; "+spots": the same output made spot-consistent (project_to_spots).
 BASELINES = ("bicubic", "nearest", "ridge", "tesla", "bicubic+spots", "ridge+spots", "tesla+spots")
 TRAINED = (*LEARNED, *TWO_STAGE)
+# The methods Diff-ST is compared against (Table 1's competitors), and Diff-ST's own answers: the two-stage
+# run's point estimate, or its stage one alone (the same answer when stage two was not trained).
+COMPETITORS = (*BASELINES, "unet", "unetpp", "attention-unet", "histogene", "guided-dm")
+DIFFST_ANSWERS = ("diffst", "regression")
 METHODS = (*BASELINES, *TRAINED)
 ABLATIONS = (*TWO_STAGE, "regression", "regression-one-seed", "regression-no-cam", "regression-no-graph", "regression-no-hier",
              "regression-mse", "regression-linear-prior")

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from diffst.benchmark.methods import ABLATIONS, METHODS
+from diffst.benchmark.methods import ABLATIONS, COMPETITORS, DIFFST_ANSWERS, METHODS
 
 METRICS = ("pcc", "pcc_pooled", "region_pcc", "rmse_counts", "region_rmse_counts", "mae_counts", "ssim")
 PAPER_METRICS = ("paper_abs_pcc", "paper_rmse")
@@ -38,6 +38,8 @@ def summarise(result: dict[str, Any], seed: int = 0) -> dict[str, Any]:
     ``pcc_ci`` is the percentile bootstrap 95 % interval of the mean per-tile PCC over the test tiles of all
     folds; ``pcc_vs_bicubic`` (with ``_ci``) the mean paired difference of per-tile PCC to bicubic on the
     same tiles, with its bootstrap interval; ``gap_closed`` is ``(pcc - bicubic) / (ceiling - bicubic)``.
+    ``versus_best`` (per scale): Diff-ST's answer (:data:`~diffst.benchmark.methods.DIFFST_ANSWERS`, the
+    first run) against the competitor of highest PCC, the paired per-tile difference and its interval.
     """
     from diffst.evaluation.ceiling import summarise_ceiling
     from diffst.evaluation.metrics import bootstrap_interval
@@ -80,6 +82,9 @@ def summarise(result: dict[str, Any], seed: int = 0) -> dict[str, Any]:
             row["per_gene_pcc"] = _nanmean([_floats(c["per_gene_pcc"]) for c in mine], axis=0, weights=n).tolist()
             row["seconds"] = float(sum(c.get("seconds", 0.0) for c in mine))
             entry["methods"][method] = row
+        versus = _versus_best(cells, entry["methods"], seed)
+        if versus is not None:
+            entry["versus_best"] = versus
         base = entry["methods"].get("bicubic", {}).get("pcc")
         for row in entry["methods"].values():
             gap = None
@@ -88,6 +93,24 @@ def summarise(result: dict[str, Any], seed: int = 0) -> dict[str, Any]:
             row["gap_closed"] = gap
         summary[f"s{scale}"] = entry
     return summary
+
+
+def _versus_best(cells: list[dict[str, Any]], rows: dict[str, Any], seed: int) -> dict[str, Any] | None:
+    """Diff-ST's answer minus the strongest competitor, paired per test tile (None if either is missing)."""
+    from diffst.evaluation.metrics import bootstrap_interval
+
+    ours = next((m for m in DIFFST_ANSWERS if m in rows), None)
+    others = [m for m in COMPETITORS if m in rows]
+    if ours is None or not others:
+        return None
+    best = max(others, key=lambda m: rows[m]["pcc"])
+    per_fold = {(c["method"], c["fold"]): c for c in cells if c["method"] in (ours, best)}
+    folds = sorted({f for m, f in per_fold if m == ours} & {f for m, f in per_fold if m == best})
+    diff = np.concatenate([_floats(per_fold[ours, f]["per_tile_pcc"]) - _floats(per_fold[best, f]["per_tile_pcc"])
+                           for f in folds])
+    return {"method": ours, "best_competitor": best, "pcc_diff": float(_nanmean(diff)),
+            "pcc_diff_ci": list(bootstrap_interval(diff, seed=seed)),
+            "rmse_counts_diff": float(rows[ours]["rmse_counts"] - rows[best]["rmse_counts"])}
 
 
 def _fmt(v, digits: int = 3) -> str:
@@ -142,6 +165,13 @@ def markdown(result: dict[str, Any]) -> str:
             c = entry["ceiling"]
             lines.append(f"| {key} | noise ceiling | | {_fmt(c['pcc'])} | | | | | | | | 1 | | |")
     notes = []
+    for key, entry in summary.items():
+        v = entry.get("versus_best")
+        if v:
+            lo, hi = v["pcc_diff_ci"]
+            notes.append(f"{key}: {v['method']} − {v['best_competitor']} (the competitor of highest PCC), paired per "
+                         f"tile: ΔPCC {v['pcc_diff']:+.3f} [{lo:+.3f}, {hi:+.3f}], ΔRMSE {v['rmse_counts_diff']:+.3f} "
+                         "counts.")
     for key, entry in summary.items():
         skipped = entry.get("ceiling", {}).get("n_genes_skipped")
         if skipped:
