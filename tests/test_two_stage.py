@@ -120,9 +120,9 @@ def test_two_stage_run_resumes_after_kill_and_predicts(prepared, base_run, tmp_p
     assert np.isfinite(preds.mean).all() and np.isfinite(preds.std).all() and (preds.mean >= 0).all()
 
     # The base's prediction inside a two-stage run is exactly what the regression run predicts on its own
-    # (both averaged over the 8 square symmetries, sampler.point_views).
+    # (both averaged over the same square symmetries, sampler.point_views).
     dataset, reg, _ = predict_checkpoint(base_run, prepared, device="cpu", progress=False,
-                                         sampler={"spot_consistent": False})
+                                         sampler={"spot_consistent": False, "point_views": 8})
     batch = torch.utils.data.default_collate([dataset[i] for i in range(len(dataset))])
     base_counts = dataset.normaliser.to_counts(run.base.predict_hr(batch, "cpu", views=8).float().numpy())
     np.testing.assert_allclose(base_counts, reg.mean, rtol=1e-5, atol=1e-5)
