@@ -12,8 +12,9 @@ machine and command) and drawn in ``bench_speed.png``:
   and ``forward_ratio_vs_guided``: the median over rounds of Diff-ST / Guided-DM backbone time, the two models
   alternating run by run (and swapping order every round), so load from other processes hits both alike;
 * ``point_s_per_tile``: seconds per tile of the point estimate, end to end through the package's inference
-  (:func:`diffst.inference.predict.predict_tiles` on a prepared dataset, the stage-one regression run of the
-  two-stage recipe: tile reading, one network call, counts, spot projection);
+  (:func:`diffst.inference.predict.predict_tiles` on a prepared dataset, the stage-one seed ensemble of the
+  two-stage recipe: tile reading, one network call per member and view (``network_calls_per_point``: 4 seeds x
+  ``sampler.point_views``), counts, spot projection);
 * ``k4_s_per_tile``: the same for K = 4 samples with the run's default sampler (the two-stage run: stage one's
   call, then the sampler over stage two's network);
 * ``train_steps_per_s``: optimiser steps of stage two's diffusion objective per second, batch 1;
@@ -217,20 +218,23 @@ def two_stage_runs(data: Path, device: torch.device):
     from diffst.config import parse_config, resolve_config
     from diffst.data.dataset import PreparedTiles
     from diffst.runs import DatasetSpec, Run, build_run_model
-    from diffst.training.recipe import stage_one_config, stage_two_config
+    from diffst.training.recipe import STAGE_ONE_MEMBERS, stage_one_config, stage_two_config
 
     spec = DatasetSpec.from_tiles(PreparedTiles(data, "train"))
     base = {"preset": "paper", "data": {"path": str(data)}, "run_dir": str(data.parent / "run")}
 
     def run(config: dict, parent: Run | None) -> Run:
         cfg = resolve_config(parse_config(config, "bench"), len(spec.genes), spec.image_channels)
-        torch.manual_seed(0)
+        torch.manual_seed(cfg.seed)
         model = build_run_model(cfg).to(device).eval()
         return Run(model=model, config=cfg, dataset=spec, coexpression=None, entropy_threshold=None, step=0,
                    path=Path(cfg.run_dir), base=parent)
 
-    stage_one = run(stage_one_config(base, steps=None), None)
-    return stage_one, run(stage_two_config(base, stage_one.path), stage_one)
+    # Stage one is a seed ensemble (random weights, one seed per member), as the recipe trains it.
+    members = [run(stage_one_config(base, steps=None, member=k), None) for k in range(STAGE_ONE_MEMBERS)]
+    stage_one = members[0]
+    stage_one.members = tuple(members[1:])
+    return stage_one, run(stage_two_config(base, [m.path for m in members]), stage_one)
 
 
 def time_predict(run, data: Path, sampler, device: torch.device, repeats: int) -> list[float]:
@@ -273,6 +277,7 @@ def measure_end_to_end(data: Path, device: torch.device, repeats: int, quick: bo
         "k4_times_s": k4,
         "k4_s_per_tile": k4_median,
         "default_sampler": default.model_dump(),
+        "network_calls_per_point": len(stage_one.models) * run_sampler(stage_one).point_views,
         "k4_sampler_steps_timed": timed_steps,
         "params_m": {"stage_one": sum(p.numel() for p in stage_one.model.parameters()) / 1e6,
                      "stage_two": sum(p.numel() for p in stage_two.model.parameters()) / 1e6},
@@ -282,11 +287,14 @@ def measure_end_to_end(data: Path, device: torch.device, repeats: int, quick: bo
 def measure_training(data: Path, device: torch.device, steps: int) -> dict:
     """Optimiser steps per second of stage two's diffusion objective (batch 1, AdamW, gradient clipping)."""
     from diffst.data.dataset import PreparedTiles
+    from diffst.training.frozen_base import FrozenBase
     from diffst.training.objectives import make_objective
 
     _, stage_two = two_stage_runs(data, device)
     model = stage_two.model.train()
-    objective = make_objective(stage_two.config, stage_two.base, stage_two.dataset)
+    # As the trainer does: the base's answer computed once per tile (the first, untimed step), then looked up.
+    base = FrozenBase(stage_two.base, data, "train", stage_two.config.sampler.point_views)
+    objective = make_objective(stage_two.config, base, stage_two.dataset)
     optimiser = torch.optim.AdamW(model.parameters(), lr=1e-4)
     batch = torch.utils.data.default_collate([PreparedTiles(data, "train")[0]])
     generator = torch.Generator().manual_seed(0)
