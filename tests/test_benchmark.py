@@ -137,6 +137,8 @@ def test_stage_one_is_a_seed_ensemble_sharing_its_runs(tiny_benchmark):
     assert versus["method"] == "diffst" and versus["best_competitor"] in ("bicubic", "ridge")
     lo, hi = versus["pcc_diff_ci"]
     assert lo <= versus["pcc_diff"] <= hi
+    assert set(versus["each"]) == {"bicubic", "ridge"} and versus["each"][versus["best_competitor"]]["pcc_diff"] == (
+        versus["pcc_diff"])
     assert "the competitor of highest PCC" in (out / "benchmark.md").read_text()
 
 

@@ -39,7 +39,8 @@ def summarise(result: dict[str, Any], seed: int = 0) -> dict[str, Any]:
     folds; ``pcc_vs_bicubic`` (with ``_ci``) the mean paired difference of per-tile PCC to bicubic on the
     same tiles, with its bootstrap interval; ``gap_closed`` is ``(pcc - bicubic) / (ceiling - bicubic)``.
     ``versus_best`` (per scale): Diff-ST's answer (:data:`~diffst.benchmark.methods.DIFFST_ANSWERS`, the
-    first run) against the competitor of highest PCC, the paired per-tile difference and its interval.
+    first run) against the competitor of highest PCC, the paired per-tile difference and its interval (and
+    against every competitor under ``each``).
     """
     from diffst.evaluation.ceiling import summarise_ceiling
     from diffst.evaluation.metrics import bootstrap_interval
@@ -96,21 +97,26 @@ def summarise(result: dict[str, Any], seed: int = 0) -> dict[str, Any]:
 
 
 def _versus_best(cells: list[dict[str, Any]], rows: dict[str, Any], seed: int) -> dict[str, Any] | None:
-    """Diff-ST's answer minus the strongest competitor, paired per test tile (None if either is missing)."""
+    """Diff-ST's answer minus each competitor, paired per test tile (None if either side is missing).
+
+    Returns the strongest competitor's entry (``method``, ``best_competitor``, ``pcc_diff`` and its
+    interval, ``rmse_counts_diff``) with every competitor's under ``each``.
+    """
     from diffst.evaluation.metrics import bootstrap_interval
 
     ours = next((m for m in DIFFST_ANSWERS if m in rows), None)
     others = [m for m in COMPETITORS if m in rows]
     if ours is None or not others:
         return None
+    per_fold = {(c["method"], c["fold"]): _floats(c["per_tile_pcc"]) for c in cells}
+    each = {}
+    for other in others:
+        folds = sorted(f for m, f in per_fold if m == ours and (other, f) in per_fold)
+        diff = np.concatenate([per_fold[ours, f] - per_fold[other, f] for f in folds])
+        each[other] = {"pcc_diff": float(_nanmean(diff)), "pcc_diff_ci": list(bootstrap_interval(diff, seed=seed)),
+                       "rmse_counts_diff": float(rows[ours]["rmse_counts"] - rows[other]["rmse_counts"])}
     best = max(others, key=lambda m: rows[m]["pcc"])
-    per_fold = {(c["method"], c["fold"]): c for c in cells if c["method"] in (ours, best)}
-    folds = sorted({f for m, f in per_fold if m == ours} & {f for m, f in per_fold if m == best})
-    diff = np.concatenate([_floats(per_fold[ours, f]["per_tile_pcc"]) - _floats(per_fold[best, f]["per_tile_pcc"])
-                           for f in folds])
-    return {"method": ours, "best_competitor": best, "pcc_diff": float(_nanmean(diff)),
-            "pcc_diff_ci": list(bootstrap_interval(diff, seed=seed)),
-            "rmse_counts_diff": float(rows[ours]["rmse_counts"] - rows[best]["rmse_counts"])}
+    return {"method": ours, "best_competitor": best, **each[best], "each": each}
 
 
 def _fmt(v, digits: int = 3) -> str:
@@ -178,7 +184,17 @@ def markdown(result: dict[str, Any]) -> str:
             notes.append(f"{key}: the ceiling skips {skipped} gene(s) without counts in the test tiles.")
         if entry["n_folds_skipped"]:
             notes.append(f"{key}: {entry['n_folds_skipped']} fold(s) skipped (reasons in benchmark.json).")
-    lines += ["", *notes, "", "## Table 2: Diff-ST ablations", ""]
+    lines += ["", *notes]
+    versus = [(key, entry["versus_best"]) for key, entry in summary.items() if entry.get("versus_best")]
+    if versus:
+        lines += ["", "Diff-ST's answer minus each competitor, paired on the same test tiles (ΔPCC [95 % CI]; ΔRMSE in "
+                  "counts):", "", "| scale | Diff-ST | competitor | ΔPCC [95 % CI] | ΔRMSE |", "|---|---|---|---|---|"]
+        for key, v in versus:
+            for other, d in v["each"].items():
+                lo, hi = d["pcc_diff_ci"]
+                lines.append(f"| {key} | {v['method']} | {other} | {d['pcc_diff']:+.3f} [{lo:+.3f}, {hi:+.3f}] | "
+                             f"{d['rmse_counts_diff']:+.3f} |")
+    lines += ["", "## Table 2: Diff-ST ablations", ""]
     ablations = [(key, m, entry["methods"][m]) for key, entry in summary.items() for m in ABLATIONS
                  if m in entry["methods"]]
     if ablations:

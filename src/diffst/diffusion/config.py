@@ -94,8 +94,8 @@ class SamplerConfig(BaseModel):
         the mean of its answers to the tile under this many of its 8 square symmetries (the quarter turns
         first, then their mirror images; the training augmentation; one network call each, per member of a
         seed ensemble): less variance than one answer. 1 asks once. Region cross-validation on the built-in
-        crop: 4 views score as 8 do (4 seeds, PCC at 5x / 10x: 0.5706 / 0.4685 with 4 views, 0.5704 / 0.4682
-        with 8, 0.5695 / 0.4629 with 1), at half the calls. The samples of a two-stage run are drawn around it.
+        crop: 4 views score as 8 do (4 seeds, PCC at 5x / 10x: 0.571 / 0.468 with 4 views, 0.570 / 0.468
+        with 8, 0.570 / 0.463 with 1), at half the calls. The samples of a two-stage run are drawn around it.
     spot_consistent
         Make every s x s block of the point estimate and of each sample add up to the LR count measured
         there (:func:`~diffst.core.spots.project_to_spots`; unmeasured spots are left as predicted): the
