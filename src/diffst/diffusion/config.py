@@ -92,8 +92,8 @@ class SamplerConfig(BaseModel):
     point_views
         A regression's answer (a regression run's, and the ``base`` point estimate of a two-stage run) is
         the mean of its answers to the tile under this many of its 8 square symmetries (the quarter turns
-        first, then their mirror images; the training augmentation; per member of a seed ensemble one
-        network call on a batch of all views): less variance than one answer. 1 asks once. Region cross-validation on the built-in
+        first, then their mirror images; the training augmentation; one network call each, per member of a
+        seed ensemble): less variance than one answer. 1 asks once. Region cross-validation on the built-in
         crop: 4 views score as 8 do (4 seeds, PCC at 5x / 10x: 0.571 / 0.468 with 4 views, 0.570 / 0.468
         with 8, 0.570 / 0.463 with 1), at half the work. The samples of a two-stage run are drawn around it.
     spot_consistent

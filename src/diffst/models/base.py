@@ -124,18 +124,6 @@ class Conditions(Mapping[str, Any]):
         tiled = {k: v.repeat(times, *([1] * (v.ndim - 1))) for k in _NAMES[:4] if (v := getattr(self, k)) is not None}
         return replace(self, **tiled)
 
-    @classmethod
-    def concat(cls, parts: list[Conditions]) -> Conditions:
-        """Join the batches of several conditions (same entropy threshold) into one batch, in order."""
-        first = parts[0]
-        if any(p.entropy_threshold != first.entropy_threshold for p in parts):
-            raise ValueError("conditions with different entropy thresholds cannot share one batch")
-        joined = {}
-        for name in ("lr", "tissue", "cells", "cell_entropy"):
-            values = [getattr(p, name) for p in parts]
-            joined[name] = None if values[0] is None else torch.cat(values)
-        return replace(first, **joined)
-
     def symmetry(self, turns: int, flip: bool) -> Conditions:
         """Return the conditions of the same tiles seen under a square symmetry (as the training augmentation).
 
