@@ -22,7 +22,8 @@ import numpy as np
 import pandas as pd
 
 from diffst.errors import InputError
-from diffst.inference.store import dataset_maps, release_memory, release_pages
+from diffst.inference.store import dataset_maps
+from diffst.memory import release_memory, release_pages
 
 OBS_COLUMNS = ("sample", "row", "col", "x_um", "y_um")
 

@@ -25,7 +25,8 @@ from diffst.diffusion.samplers import sample_with_config, sampling_autocast, x0_
 from diffst.diffusion.target import decode_target
 from diffst.errors import InputError
 from diffst.inference.intervals import LEVELS, interval_bounds
-from diffst.inference.store import dataset_maps, release_memory, release_pages
+from diffst.inference.store import dataset_maps
+from diffst.memory import release_memory, release_pages
 from diffst.models.base import Conditions, bind_conditions
 from diffst.runs import Run, load_run, regression_point
 

@@ -258,40 +258,7 @@ def _unlock(fh) -> None:
         fh.close()
 
 
-def release_pages(*arrays) -> None:
-    """Drop the pages of memory-mapped arrays from this process's resident memory (they stay in the page cache).
-
-    Reading a prepared dataset's tiles through its memory maps leaves every page read resident, so a
-    process that reads all tiles of a slide once would grow with the slide; released pages are read again
-    from the page cache if needed. Arrays that are not memory maps are ignored.
-    """
-    import mmap
-
-    for array in arrays:
-        while array is not None and not hasattr(array, "_mmap") and getattr(array, "base", None) is not None:
-            array = array.base
-        handle = getattr(array, "_mmap", None)
-        if handle is not None and hasattr(mmap, "MADV_DONTNEED"):
-            with contextlib.suppress(OSError, ValueError):
-                handle.madvise(mmap.MADV_DONTNEED)
-
-
 def dataset_maps(dataset) -> list:
     """List the memory-mapped arrays of a prepared split (:class:`diffst.data.dataset.PreparedTiles`)."""
     names = ("lr_counts", "lr_mask", "hr_counts", "hr_mask", "tissue", "cells", "cell_entropy")
     return [getattr(dataset, name, None) for name in names]
-
-
-def release_memory() -> None:
-    """Hand freed memory back to the system (Arrow's pool and glibc's heap keep it otherwise).
-
-    Arrow's pool only when pyarrow is loaded; a no-op where neither applies.
-    """
-    import ctypes
-    import sys
-
-    if "pyarrow" in sys.modules:
-        with contextlib.suppress(Exception):
-            sys.modules["pyarrow"].default_memory_pool().release_unused()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -179,7 +179,7 @@ def whole_slide_tiles(samples: Sequence, run, workdir: str | Path | None = None,
         The prepared dataset; every tile is in its ``test`` split.
     """
     from diffst.data.prepare import SplitSpec, prepare_dataset
-    from diffst.inference.store import release_memory
+    from diffst.memory import release_memory
 
     if run.dataset is None:
         raise InputError(f"The run {run.path} records no dataset spec (genes, geometry), so a raw sample cannot be "

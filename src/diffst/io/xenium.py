@@ -95,7 +95,7 @@ def _read_compact(path: str | Path, min_qv: float | None, drop_controls: bool,
         acc.add(codes, categories, numbers)
         del codes, categories, numbers
     result = acc.finish()
-    from diffst.inference.store import release_memory
+    from diffst.memory import release_memory
 
     release_memory()  # the chunks' memory (Arrow's pool, the heap), freed, goes back to the system
     return result
