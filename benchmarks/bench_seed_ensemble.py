@@ -1,7 +1,7 @@
 """Seed ensembles of Diff-ST's stage one on the built-in crop's region folds: how much of the noise is the seed?
 
-Runs ``diffst benchmark --example --methods bicubic,regression --budget full`` once per seed (same folds, same
-genes; each seed's training draws differ) and scores, on the same held-out tiles, each seed's answer and the mean
+Runs ``diffst benchmark --example --methods bicubic,regression --members 1 --budget full`` once per seed (same
+folds, same genes; each seed's training draws differ; one run per seed, not the recipe's ensemble) and scores, on the same held-out tiles, each seed's answer and the mean
 of all seeds' answers in counts (a seed ensemble; each answer is spot-consistent, so their mean is too). Every
 answer is the default one (the mean over the tile's 8 square symmetries). Results:
 ``benchmarks/results/seed_ensemble.json`` (per scale: PCC and RMSE per seed, of the ensemble and of bicubic,
@@ -32,7 +32,7 @@ def run_seed(work: Path, scale: int, seed: int) -> Path:
     """Run (or reuse) the benchmark of one seed at one scale; returns its output folder."""
     out = work / f"seed{seed}_s{scale}"
     cmd = [sys.executable, "-m", "diffst.cli", "benchmark", "--example", "--scales", str(scale), "--budget", "full",
-           "--methods", "bicubic,regression", "--seed", str(seed), "--out", str(out)]
+           "--methods", "bicubic,regression", "--members", "1", "--seed", str(seed), "--out", str(out)]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return out
 
