@@ -19,12 +19,15 @@ length the same way on those squares.
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 from typing import Any
 
 __all__ = ["STAGE_ONE_HOLDOUT", "STAGE_ONE_MAX_STEPS", "STAGE_ONE_MEMBERS", "STAGE_ONE_PATIENCE", "STAGE_ONE_STEPS", "STAGE_ONE_VAL_EVERY",
            "has_validation_split", "regression_schedule", "select_regression_length", "stage_one_config",
            "stage_two_config", "train_stage_one", "train_two_stage"]
+
+log = logging.getLogger("diffst.training")
 
 #: Members of stage one's seed ensemble (each a regression run of its own, about a minute on 2 CPU cores).
 STAGE_ONE_MEMBERS = 4
@@ -161,6 +164,7 @@ def train_stage_one(config: Any, *, steps: int | None = STAGE_ONE_STEPS, members
     runs = []
     for member in range(members):
         cfg = parse_config(stage_one_config(config, steps, member), name)
+        log.info("stage one, member %d of %d (seed %d): %s", member + 1, members, cfg.seed, cfg.run_dir)
         runs.append(train(cfg, resume=latest_checkpoint(cfg.run_dir) is not None))
     return runs
 
