@@ -123,6 +123,7 @@ def test_recipe_trains_members_with_successive_seeds_and_stage_two_on_their_mean
     assert [parse_config(stage_one_config(config, 2, m)).seed for m in (0, 1)] == [7, 8]
     state = read_training_state(second)["state"]
     assert [Path(r["path"]).parents[1].name for r in state["base_run"]] == ["run-regression", "run-regression-member1"]
+    assert state["base_views"] == 4  # sampler.point_views, kept for resumption
     run = load_run(second)
     assert run.base is not None and len(run.base.members) == 1
     _, preds, extras = predict_checkpoint(second, prepared, sampler={"steps": 2, "num_samples": 2}, device="cpu",
@@ -138,3 +139,15 @@ def test_recipe_trains_members_with_successive_seeds_and_stage_two_on_their_mean
     mtimes = [p.stat().st_mtime for p in sorted((bases[1] / "checkpoints").iterdir())]
     assert train_two_stage(config, stage_one_steps=2, stage_one_members=2)[0] == bases
     assert [p.stat().st_mtime for p in sorted((bases[1] / "checkpoints").iterdir())] == mtimes
+
+
+def test_runs_resume_after_an_inference_setting_changed(prepared, tmp_path, one_thread):
+    # A run trained when the sampler's defaults were other (e.g. point_views 8) resumes and is reused.
+    cfg = {**_spot_config(prepared, tmp_path / "reg", 3, steps=2), "sampler": {"point_views": 8, "steps": 5}}
+    first = train(parse_config(cfg))
+    cfg["sampler"] = {"point_views": 2}
+    cfg["train"]["steps"] = 3
+    again = train(parse_config(cfg), resume=True)
+    assert again == first and read_training_state(again)["state"]["step"] == 3
+    with pytest.raises(ConfigError, match="cannot resume"):
+        train(parse_config({**cfg, "seed": 9}), resume=True)  # training settings still may not change

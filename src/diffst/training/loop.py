@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from diffst.atomic import atomic_output
 from diffst.config import ConfigError, RunConfig, resolve_config, save_config
 from diffst.core.curriculum import curriculum_threshold
+from diffst.diffusion.config import SamplerConfig
 from diffst.errors import InputError, TrainingInterrupted
 from diffst.models.graph import coexpression_matrix
 from diffst.runs import (
@@ -71,10 +72,12 @@ __all__ = ["train", "Trainer", "RESUMABLE_CHANGES"]
 log = logging.getLogger("diffst.training")
 
 # Settings that may differ between a run and its resumption (they do not change the optimisation path,
-# except the length of training, which the user changes on purpose).
+# except the length of training, which the user changes on purpose). The sampler is for inference; the one
+# sampler setting training reads, a two-stage run's point_views (its base's answer), is kept from the state.
 RESUMABLE_CHANGES = {
     "train.steps", "train.epochs", "train.log_every", "train.val_every", "train.val_batches",
     "train.checkpoint_every", "train.keep_last", "train.tensorboard", "data.num_workers", "device",
+    *(f"sampler.{key}" for key in SamplerConfig.model_fields),
 }
 DATA_ORDER = ("tiles of epoch e: permutation from (seed, e), dealt round-robin to ranks; augmentation from "
               "(seed, e, tile); noise/timesteps from (seed, rank, step)")
@@ -202,6 +205,8 @@ class Trainer:
         prior = self._fit_linear_prior(chosen) if checkpoint is None else None
         self.state = TrainState.create(self.rcfg, coexpression, self.accelerator, checkpoint, prior)
         self.base = self._base_run(checkpoint)
+        # The base's answer averages this many views: as recorded when resuming, else the sampler's.
+        self.base_views = int((checkpoint or {}).get("state", {}).get("base_views", self.rcfg.sampler.point_views))
         self.objective = make_objective(self.rcfg, self._frozen_base(self.train_ds), self.spec)
         # Validation tiles are another split's (or, with a held-out share, the training split's own).
         same = self.val_ds is None or getattr(self.val_ds, "dataset", self.val_ds).split == self.train_ds.split
@@ -291,7 +296,7 @@ class Trainer:
         if self.base is None:
             return None
         split = getattr(dataset, "dataset", dataset).split
-        return FrozenBase(self.base, self.cfg.data.path, split, self.rcfg.sampler.point_views)
+        return FrozenBase(self.base, self.cfg.data.path, split, self.base_views)
 
     def _base_record(self) -> dict[str, Any] | list[dict[str, Any]]:
         return base_run_record(self.base)
@@ -391,6 +396,7 @@ class Trainer:
         }
         if self.base is not None:
             state["base_run"] = self._base_record()  # the frozen regression run (load_run reads it)
+            state["base_views"] = self.base_views
         if self.cfg.train.keep_best:
             state.update(best=self.best, validations_since_best=self.since_best, stopped_early=self.stopped_early)
         path = checkpointer.save(st.step, model=st.model, ema_state=st.ema.state_dict(),
