@@ -139,6 +139,7 @@ def test_stage_one_is_a_seed_ensemble_sharing_its_runs(tiny_benchmark):
     assert lo <= versus["pcc_diff"] <= hi
     assert set(versus["each"]) == {"bicubic", "ridge"} and versus["each"][versus["best_competitor"]]["pcc_diff"] == (
         versus["pcc_diff"])
+    assert set(versus["ablations"]) == {"regression-one-seed"}  # the other Diff-ST variants, paired too
     assert "the competitor of highest PCC" in (out / "benchmark.md").read_text()
 
 

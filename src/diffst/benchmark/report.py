@@ -97,10 +97,11 @@ def summarise(result: dict[str, Any], seed: int = 0) -> dict[str, Any]:
 
 
 def _versus_best(cells: list[dict[str, Any]], rows: dict[str, Any], seed: int) -> dict[str, Any] | None:
-    """Diff-ST's answer minus each competitor, paired per test tile (None if either side is missing).
+    """Diff-ST's answer minus each competitor and each ablation, paired per test tile (None without both sides).
 
     Returns the strongest competitor's entry (``method``, ``best_competitor``, ``pcc_diff`` and its
-    interval, ``rmse_counts_diff``) with every competitor's under ``each``.
+    interval, ``rmse_counts_diff``) with every competitor's under ``each`` and every other Diff-ST variant's
+    (:data:`~diffst.benchmark.methods.ABLATIONS`) under ``ablations``.
     """
     from diffst.evaluation.metrics import bootstrap_interval
 
@@ -109,14 +110,17 @@ def _versus_best(cells: list[dict[str, Any]], rows: dict[str, Any], seed: int) -
     if ours is None or not others:
         return None
     per_fold = {(c["method"], c["fold"]): _floats(c["per_tile_pcc"]) for c in cells}
-    each = {}
-    for other in others:
+
+    def paired(other: str) -> dict[str, Any]:
         folds = sorted(f for m, f in per_fold if m == ours and (other, f) in per_fold)
         diff = np.concatenate([per_fold[ours, f] - per_fold[other, f] for f in folds])
-        each[other] = {"pcc_diff": float(_nanmean(diff)), "pcc_diff_ci": list(bootstrap_interval(diff, seed=seed)),
-                       "rmse_counts_diff": float(rows[ours]["rmse_counts"] - rows[other]["rmse_counts"])}
+        return {"pcc_diff": float(_nanmean(diff)), "pcc_diff_ci": list(bootstrap_interval(diff, seed=seed)),
+                "rmse_counts_diff": float(rows[ours]["rmse_counts"] - rows[other]["rmse_counts"])}
+
+    each = {other: paired(other) for other in others}
     best = max(others, key=lambda m: rows[m]["pcc"])
-    return {"method": ours, "best_competitor": best, **each[best], "each": each}
+    variants = {m: paired(m) for m in ABLATIONS if m in rows and m not in DIFFST_ANSWERS}
+    return {"method": ours, "best_competitor": best, **each[best], "each": each, "ablations": variants}
 
 
 def _fmt(v, digits: int = 3) -> str:
@@ -198,9 +202,13 @@ def markdown(result: dict[str, Any]) -> str:
     ablations = [(key, m, entry["methods"][m]) for key, entry in summary.items() for m in ABLATIONS
                  if m in entry["methods"]]
     if ablations:
-        lines += ["| scale | variant | PCC [95 % CI] | RMSE [95 % CI] | SSIM | gap closed |", "|---|---|---|---|---|---|"]
-        lines += [f"| {key} | {m} | {_ci(row, 'pcc')} | {_ci(row, 'rmse_counts')} | {_fmt(row['ssim'])} | "
-                  f"{_fmt(row['gap_closed'], 2)} |" for key, m, row in ablations]
+        lines += ["| scale | variant | PCC [95 % CI] | Diff-ST − variant, paired ΔPCC [95 % CI] | RMSE [95 % CI] | SSIM "
+                  "| gap closed |", "|---|---|---|---|---|---|---|"]
+        for key, m, row in ablations:
+            d = (summary[key].get("versus_best") or {}).get("ablations", {}).get(m)
+            paired = f"{d['pcc_diff']:+.3f} [{d['pcc_diff_ci'][0]:+.3f}, {d['pcc_diff_ci'][1]:+.3f}]" if d else "–"
+            lines.append(f"| {key} | {m} | {_ci(row, 'pcc')} | {paired} | {_ci(row, 'rmse_counts')} | "
+                         f"{_fmt(row['ssim'])} | {_fmt(row['gap_closed'], 2)} |")
     else:
         lines.append(f"No Diff-ST variant was run (add some of {', '.join(ABLATIONS)} to --methods).")
     calibration = result.get("calibration") or {}
