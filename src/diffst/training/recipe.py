@@ -6,7 +6,8 @@ estimate. Stage two is a diffusion of the residual over stage one (``diffusion.t
 regression_residual``): its samples give the spread and the intervals. Both stages share data and model
 settings. Stage one is a seed ensemble: :data:`STAGE_ONE_MEMBERS` regressions trained alike with seeds
 ``seed``, ``seed + 1``, ..., whose answers are averaged in counts (on the built-in example's region folds
-four seeds answer with PCC spread over ±0.01-0.02 and their mean beats each; see the README's benchmarks). On little training tissue a long stage one learns the training tiles' transcripts by
+four seeds answer with PCC spread over ±0.01-0.02 and their mean beats all but the luckiest; see the README's
+benchmarks). On little training tissue a long stage one learns the training tiles' transcripts by
 heart (held-out correlation falls after ~100-200 steps on the built-in example), so its length is chosen
 on held-out tissue when the prepared data has a validation split (``diffst prepare --val-region``): it
 trains up to :data:`STAGE_ONE_MAX_STEPS`, validates every :data:`STAGE_ONE_VAL_EVERY` steps, keeps the
