@@ -115,6 +115,24 @@ def test_tiny_benchmark_writes_finite_metrics_and_intervals(tiny_benchmark):
     assert (out / "figures" / "calibration.png").stat().st_size > 0 and "Intervals: coverage" in table
 
 
+@pytest.mark.parametrize("budget", ["tiny", "full"])
+def test_benchmark_stage_one_is_the_recipes(tmp_path, budget):
+    # The benchmark trains a two-stage method's stage one as its regression twin; that must be the run the
+    # recipe (diffst train --two-stage) would train, member by member.
+    from diffst.benchmark.methods import TWO_STAGE, run_config_dict, stage_one_method, stage_one_steps
+    from diffst.config import parse_config
+    from diffst.training.recipe import stage_one_config
+
+    for method in TWO_STAGE:
+        for member in (0, 2):
+            folder = tmp_path / f"{stage_one_method(method)}-{budget}-seed{3 + member}"
+            recipe = stage_one_config(run_config_dict(method, tmp_path, tmp_path / "two", budget, 3, "cpu"),
+                                      stage_one_steps(budget), member)
+            recipe["run_dir"] = str(folder)
+            twin = run_config_dict(stage_one_method(method), tmp_path, folder, budget, 3 + member, "cpu")
+            assert parse_config(recipe).to_dict() == parse_config(twin).to_dict(), (method, member)
+
+
 def test_stage_one_is_a_seed_ensemble_sharing_its_runs(tiny_benchmark):
     from diffst.benchmark.methods import member_run_dirs
 

@@ -135,6 +135,11 @@ class DatasetSpec:
         return cls(list(data["genes"]), LogScaleNormaliser(**data["normaliser"]), TileGeometry(**data["geometry"]),
                    int(data["image_channels"]), bool(data.get("self_supervised", False)))
 
+    def same_maps(self, other: DatasetSpec) -> bool:
+        """Tell whether HR maps of this data and of ``other`` mean the same: genes, normaliser, scale, HR tile."""
+        return (self.genes == other.genes and self.normaliser == other.normaliser
+                and self.geometry.scale == other.geometry.scale and self.geometry.tile_hr == other.geometry.tile_hr)
+
     def to_dict(self) -> dict[str, Any]:
         """Return the plain JSON-serialisable form.
 
@@ -240,8 +245,9 @@ def regression_point(model: nn.Module | tuple[nn.Module, ...], cond: Any, shape:
     The model was trained on tiles turned and mirrored at random (``data.augment``); asked the same question
     under each of the 8 symmetries (:data:`~diffst.core.symmetry.SYMMETRIES`, the identity first) it answers
     slightly differently, and the mean of its answers, in counts, has less variance than any one of them
-    (test-time augmentation: one network call per view). Several models (a seed ensemble: the same regression trained with other seeds) average the same way,
-    over models and views. A spot-ratio answer stays spot-consistent.
+    (test-time augmentation: one network call per view). Several models (a seed ensemble: the same
+    regression trained with other seeds) average the same way, over models and views. A spot-ratio answer
+    stays spot-consistent.
 
     Parameters
     ----------
@@ -721,9 +727,7 @@ def _check_same_regression(first: Run, other: Run, user: str | Path | None) -> N
     """Check that two ensemble members answer the same question the same way (data description, settings)."""
     needed = f" (needed by {user})" if user is not None else ""
     a, b = first.dataset, other.dataset
-    same_data = (a is None) == (b is None) and (a is None or (a.genes == b.genes and a.normaliser == b.normaliser
-                                                             and a.geometry.scale == b.geometry.scale
-                                                             and a.geometry.tile_hr == b.geometry.tile_hr))
+    same_data = (a is None) == (b is None) and (a is None or a.same_maps(b))
     same_kind = (first.config.train.regression == other.config.train.regression
                  and first.config.diffusion.target == other.config.diffusion.target
                  and first.entropy_threshold == other.entropy_threshold)

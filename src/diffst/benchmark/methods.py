@@ -106,16 +106,27 @@ def stage_one_steps(budget: str) -> int | None:
     return STAGE_ONE_STEPS if budget == "full" else None
 
 
+def stage_one_method(method: str) -> str | None:
+    """Return the regression method whose runs are ``method``'s stage one (None for other methods).
+
+    A two-stage method's stage one is its ``regression`` twin (``diffst-no-cam`` -> ``regression-no-cam``: the
+    same run configuration), and ``regression-one-seed`` is ``regression``'s first member.
+    """
+    if method in TWO_STAGE:
+        return f"regression{method[len('diffst'):]}"
+    if method == "regression-one-seed":
+        return "regression"
+    return method if method in ENSEMBLED else None
+
+
 def member_run_dirs(method: str, run_dir: Path, budget: str, seed: int, members: int) -> list[Path]:
     """Run folders of a stage-one method's regression runs (a two-stage method's stage one), beside ``run_dir``.
 
     Member k is ``<regression method>-<budget>-seed<seed + k>``, so ensembles of other sizes and seeds share
     runs: ``diffst`` shares ``regression``'s, and ``regression-one-seed`` is ``regression``'s first member.
     """
-    if method == "regression-one-seed":
-        return [run_dir.parent / f"regression-{budget}-seed{seed}"]
-    stem = f"regression{method[len('diffst'):]}" if method in TWO_STAGE else method
-    return [run_dir.parent / f"{stem}-{budget}-seed{seed + k}" for k in range(members)]
+    count = 1 if method == "regression-one-seed" else members
+    return [run_dir.parent / f"{stage_one_method(method)}-{budget}-seed{seed + k}" for k in range(count)]
 
 
 def run_config(method: str, data_path: Path, run_dir: Path, budget: str, seed: int, device: str):
@@ -137,22 +148,16 @@ def train_method(method: str, data_path: Path, run_dir: Path, budget: str, seed:
     from diffst.config import parse_config
     from diffst.runs import latest_checkpoint
     from diffst.training import train
-    from diffst.training.recipe import stage_one_config, stage_two_config
+    from diffst.training.recipe import stage_two_config
 
     name = f"benchmark method {method}"
-    if method not in ENSEMBLED and method != "regression-one-seed":
+    regression = stage_one_method(method)
+    if regression is None:
         data = run_config_dict(method, data_path, run_dir, budget, seed, device)
         return [train(parse_config(data, name), resume=latest_checkpoint(run_dir) is not None)]
-    regression = "regression" if method == "regression-one-seed" else method
-    runs = []
-    for k, folder in enumerate(member_run_dirs(method, run_dir, budget, seed, members)):
-        if method in TWO_STAGE:
-            first = stage_one_config(run_config_dict(method, data_path, run_dir, budget, seed + k, device),
-                                     stage_one_steps(budget))
-            first["run_dir"] = str(folder)
-        else:
-            first = run_config_dict(regression, data_path, folder, budget, seed + k, device)
-        runs.append(train(parse_config(first, name), resume=latest_checkpoint(folder) is not None))
+    runs = [train(parse_config(run_config_dict(regression, data_path, folder, budget, seed + k, device), name),
+                  resume=latest_checkpoint(folder) is not None)
+            for k, folder in enumerate(member_run_dirs(method, run_dir, budget, seed, members))]
     if method not in TWO_STAGE:
         return runs
     data = stage_two_config(run_config_dict(method, data_path, run_dir, budget, seed, device),

@@ -40,7 +40,7 @@ def summarise(result: dict[str, Any], seed: int = 0) -> dict[str, Any]:
     same tiles, with its bootstrap interval; ``gap_closed`` is ``(pcc - bicubic) / (ceiling - bicubic)``.
     ``versus_best`` (per scale): Diff-ST's answer (:data:`~diffst.benchmark.methods.DIFFST_ANSWERS`, the
     first run) against the competitor of highest PCC, the paired per-tile difference and its interval (and
-    against every competitor under ``each``).
+    against every competitor under ``each``, every other Diff-ST variant under ``ablations``).
     """
     from diffst.evaluation.ceiling import summarise_ceiling
     from diffst.evaluation.metrics import bootstrap_interval

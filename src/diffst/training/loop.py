@@ -284,9 +284,7 @@ class Trainer:
         else:
             base = load_base_run(self.rcfg.train.base_run, self.device, user=self.run_dir)
         spec = base.dataset
-        if spec is not None and (spec.genes != self.spec.genes or spec.normaliser != self.spec.normaliser
-                                 or spec.geometry.scale != self.spec.geometry.scale
-                                 or spec.geometry.tile_hr != self.spec.geometry.tile_hr):
+        if spec is not None and not spec.same_maps(self.spec):
             raise InputError(f"base run {base.path} was trained on other genes, normalisation or tile geometry than "
                              f"{self.cfg.data.path}; train the regression run on the same prepared dataset")
         return base
