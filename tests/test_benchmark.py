@@ -208,6 +208,7 @@ def test_second_run_reuses_every_cell(tiny_benchmark, monkeypatch):
     (["--scales", "7"], "7"),
     (["--scales", "ten"], "--scales needs comma-separated integers"),
     (["--fold-layout", "rings"], "Unknown --fold-layout 'rings'"),
+    (["--members", "0"], "--members must be at least 1, got 0"),
 ])
 def test_cli_rejects_bad_options_with_one_line(tmp_path, args, message):
     out = tmp_path / "bench"

@@ -125,6 +125,8 @@ def test_cli_trains_both_stages_and_predicts(prepared, tmp_path, one_thread, mon
     assert run.base.step == 3 and run.config.train.regression == "mse" and run.base.config.train.regression == "spot_poisson"
     bad = CliRunner().invoke(app, ["train", "--config", str(config), "--two-stage", "--stage-one-steps", "0"])
     assert bad.exit_code != 0 and "--stage-one-steps must be at least 1" in bad.output
+    bad = CliRunner().invoke(app, ["train", "--config", str(config), "--two-stage", "--stage-one-members", "0"])
+    assert bad.exit_code != 0 and "--stage-one-members must be at least 1, got 0" in bad.output
 
 
 def test_bin_image_features_ignore_stain_strength_and_turn_with_the_tile():
