@@ -13,7 +13,9 @@ process that writes its own peak resident set size (``VmHWM`` of ``/proc/self/st
 * ``tiling``: only the reading and tiling part of it (the same ``whole_slide_tiles`` call in a child
   process, kept as a prepared dataset);
 * ``predict_data``: ``diffst predict --checkpoint RUN --data TILED --out tiles.h5ad`` on that prepared
-  dataset: prediction, stitching and writing only.
+  dataset: prediction, stitching and writing only;
+* ``predict_zarr``: the same with ``--out tiles.zarr`` (a SpatialData store: histology, HR-bin labels,
+  LR spots, tables).
 
 Results: ``benchmarks/results/bench_memory.json`` (per size: tissue mm², tiles, HR bins, seconds and peak
 RSS of each measurement, and the ratios RSS(largest) / RSS(smallest)) and ``bench_memory.png``.
@@ -221,6 +223,12 @@ def bench_size(area_mm2: float, run: Path, genes: list[str], work: Path) -> dict
                                    str(tiles), "--out", str(out), "--no-evaluate", "--device", "cpu"],
                                   work / f"predict_data_{area_mm2:g}.log")
     print(f"[{area_mm2:g} mm²] predict --data: {row['predict_data']}", flush=True)
+    out = work / f"pred_data_{area_mm2:g}.zarr"
+    shutil.rmtree(out, ignore_errors=True)
+    row["predict_zarr"] = measure(["diffst.cli", "predict", "--checkpoint", str(run), "--data",
+                                   str(tiles), "--out", str(out), "--no-evaluate", "--device", "cpu"],
+                                  work / f"predict_zarr_{area_mm2:g}.log")
+    print(f"[{area_mm2:g} mm²] predict --data, SpatialData out: {row['predict_zarr']}", flush=True)
     out = work / f"pred_input_{area_mm2:g}.h5ad"
     out.unlink(missing_ok=True)
     row["predict_input"] = measure(["diffst.cli", "predict", "--checkpoint", str(run),
@@ -247,7 +255,8 @@ def plot(report: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for key, label, style in (("predict_input", "predict --input (end to end)", "o-"),
                               ("tiling", "reading + tiling only", "s--"),
-                              ("predict_data", "predict --data (predict, stitch, write)", "^-")):
+                              ("predict_data", "predict --data (predict, stitch, write)", "^-"),
+                              ("predict_zarr", "predict --data, SpatialData .zarr out", "v:")):
         ax.plot(area, [r[key]["peak_rss_mb"] for r in rows], style, label=label)
     base = rows[0]["predict_input"]["peak_rss_mb"]
     ax.axhspan(base, 1.2 * base, color="tab:blue", alpha=0.1, label="1.2x of the smallest end-to-end run")
@@ -282,7 +291,7 @@ def main() -> None:
     rows = [bench_size(a, run, genes, args.work) for a in sizes]
     first, last = rows[0], rows[-1]
     ratios = {key: round(last[key]["peak_rss_mb"] / first[key]["peak_rss_mb"], 3)
-              for key in ("predict_input", "tiling", "predict_data")}
+              for key in ("predict_input", "tiling", "predict_data", "predict_zarr")}
     import torch
 
     report = {
@@ -290,7 +299,7 @@ def main() -> None:
         "command": " ".join(["python", "benchmarks/bench_memory.py", *sys.argv[1:]]),
         "model": "tiny preset, 8 training steps on the built-in example (s = 5, 8 genes); sampler DDIM 1 step, "
                  "K = 2, point estimate = sample mean",
-        "target": "RSS(largest) / RSS(smallest) of predict --input <= 1.2",
+        "target": "RSS(largest) / RSS(smallest) of predict --input (and of each output format) <= 1.2",
         "ratio_largest_over_smallest": ratios,
         "sizes": rows,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": str(torch.__version__),

@@ -15,6 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from diffst.cli import app
+from diffst.data.dataset import PreparedTiles
 from diffst.inference.histology import HistologyMosaic, hires_image, mosaic_tiles
 
 runner = CliRunner()
@@ -53,6 +54,32 @@ def test_mosaic_averages_overlapping_tiles():
     assert mosaic.image.shape == (4, 6, 1) and mosaic.um_per_px == 1.0 and (mosaic.x0_um, mosaic.y0_um) == (10, 0)
     np.testing.assert_array_equal(mosaic.image[0, :, 0], [100, 100, 150, 150, 200, 200])
     assert mosaic.covered.all()
+
+
+def test_lazy_mosaic_is_the_mosaic_block_by_block():
+    pytest.importorskip("dask")
+    from diffst.io.spatialdata_out import lazy_mosaic
+
+    rng = np.random.default_rng(0)
+    tiles = rng.integers(0, 256, (7, 3, 8, 8), dtype=np.uint8)  # RGB, overlapping, with a gap
+    x0 = np.array([0.0, 4.0, 8.0, 0.0, 4.0, 20.0, 24.0])
+    y0 = np.array([0.0, 0.0, 0.0, 6.0, 6.0, 2.0, 2.0])
+    order = np.array([6, 5, 4, 3, 2, 1, 0])  # the split's rows of the sample's tiles, in the sample's order
+    reference = mosaic_tiles(tiles[order], x0, y0, tile_um=8.0)
+    # Blocks of 5 px cut through tiles, so a pixel's tiles are summed across block edges.
+    image, gx0, gy0, um_per_px = lazy_mosaic(tiles, order, x0, y0, tile_um=8.0, block=5)
+    assert image.chunks[1][0] == 5 and (gx0, gy0, um_per_px) == (0.0, 0.0, 1.0)
+    np.testing.assert_array_equal(image.compute(), np.moveaxis(reference.image, -1, 0))
+    assert (reference.image[~reference.covered] == 255).all()  # white glass between tiles
+
+
+def test_bin_labels_number_covered_bins_in_row_order():
+    from diffst.inference.output import SamplePlan
+    from diffst.io.spatialdata_out import bin_labels
+
+    plan = SamplePlan("s", None, np.arange(2), np.array([0, 3]), np.array([0, 1]), 0.0, 0.0, {})
+    labels = bin_labels(plan, tile_hr=2)
+    np.testing.assert_array_equal(labels, [[1, 2, 0], [3, 4, 0], [0, 0, 0], [0, 5, 6], [0, 7, 8]])
 
 
 @pytest.mark.parametrize("rotated", [False, True])
@@ -156,29 +183,40 @@ def test_zarr_store_reads_back_with_elements_in_microns(zarr_prediction, prepare
     meta = json.loads((prepared_xenium / "dataset.json").read_text())
     name = meta["samples"][0]["name"]
     assert set(sdata.images) == {f"{name}_histology"}
-    assert set(sdata.shapes) == {f"{name}_hr_bins", f"{name}_lr_spots"}
+    assert set(sdata.labels) == {f"{name}_hr_bins"}
+    assert set(sdata.shapes) == {f"{name}_lr_spots"}
     assert set(sdata.tables) == {"table", "lr_spots"}
 
-    # Image pixel (0, 0) lands on the mosaic's corner (the first test tile), 1.5625 µm per pixel.
+    # Image pixel (0, 0) lands on the mosaic's corner (the first test tile), 1.5625 µm per pixel; its pixels
+    # are those of the in-memory mosaic.
     image = sdata.images[f"{name}_histology"]
     assert image.dtype == np.uint8 and image.dims == ("c", "y", "x") and image.shape[0] == meta["image_channels"]
     to_um = get_transformation(image, to_coordinate_system="global").to_affine_matrix(("x", "y"), ("x", "y"))
     np.testing.assert_allclose(to_um, [[1.5625, 0, 1372.0], [0, 1.5625, 212.0], [0, 0, 1]])
+    dataset = PreparedTiles(prepared_xenium, "test")
+    mosaic = mosaic_tiles(dataset.tissue, dataset.tiles["x0_um"].to_numpy(), dataset.tiles["y0_um"].to_numpy(),
+                          dataset.geometry.tile_um)
+    np.testing.assert_array_equal(np.asarray(image), np.moveaxis(mosaic.image, -1, 0))
 
-    # HR bins: 10 µm squares in microns (identity), one per row of the table, same rows as the .h5ad.
-    table, bins = sdata.tables["table"], sdata.shapes[f"{name}_hr_bins"]
+    # HR bins: a labels raster of 10 µm pixels in microns; label i is table row instance_id == i, at its centre.
+    table, bins = sdata.tables["table"], sdata.labels[f"{name}_hr_bins"]
     reference = ad.read_h5ad(h5ad_prediction)
-    assert table.shape == reference.shape and len(bins) == table.n_obs
+    assert table.shape == reference.shape and table.n_obs == int((np.asarray(bins) > 0).sum())
     np.testing.assert_allclose(table.X, reference.X, rtol=1e-6)
-    assert {"std", "observed"} <= set(table.layers)
+    assert list(table.obs_names) == list(reference.obs_names)
+    assert {"std", "observed"} <= set(table.layers) and "spatial" in table.uns
     attrs = table.uns["spatialdata_attrs"]
     assert (attrs["region_key"], attrs["instance_key"]) == ("region", "instance_id")
     assert set(table.obs["region"]) == {f"{name}_hr_bins"}
-    shapes_of_rows = bins.loc[table.obs["instance_id"].to_numpy()].geometry
-    np.testing.assert_allclose(shapes_of_rows.centroid.x, table.obs["x_um"])
-    np.testing.assert_allclose(shapes_of_rows.centroid.y, table.obs["y_um"])
-    np.testing.assert_allclose(shapes_of_rows.area, 100.0)
-    assert get_transformation(bins, to_coordinate_system="global").to_affine_matrix(("x", "y"), ("x", "y"))[0, 0] == 1
+    bins_to_um = get_transformation(bins, to_coordinate_system="global").to_affine_matrix(("x", "y"), ("x", "y"))
+    assert bins_to_um[0, 0] == bins_to_um[1, 1] == 10.0
+    grid = np.asarray(bins)
+    rows, cols = np.nonzero(grid)
+    order = np.argsort(grid[rows, cols])
+    centres = np.column_stack([cols[order] + 0.5, rows[order] + 0.5, np.ones(len(order))]) @ bins_to_um.T
+    by_label = table.obs.set_index("instance_id").loc[np.sort(grid[rows, cols])]
+    np.testing.assert_allclose(centres[:, 0], by_label["x_um"])
+    np.testing.assert_allclose(centres[:, 1], by_label["y_um"])
     assert table.uns["diffst"]["step"] == 4 and len(table.uns["diffst"]["input"]["files"]["sha256"]) >= 5
 
     # LR spots: non-overlapping 50 µm squares whose counts are the sums of the observed HR bins inside them.
@@ -204,10 +242,10 @@ def test_spatialdata_plot_draws_a_gene_over_the_histology(zarr_prediction, tmp_p
     import matplotlib.pyplot as plt
 
     sdata = sd.read_zarr(zarr_prediction)
-    bins = next(k for k in sdata.shapes if k.endswith("_hr_bins"))
+    bins = next(k for k in sdata.labels if k.endswith("_hr_bins"))
     spots = next(k for k in sdata.shapes if k.endswith("_lr_spots"))
     gene = sdata.tables["table"].var_names[0]
-    sdata.pl.render_images().pl.render_shapes(bins, color=gene, table_name="table", fill_alpha=0.7).pl.show(
+    sdata.pl.render_images().pl.render_labels(bins, color=gene, table_name="table", fill_alpha=0.7).pl.show(
         save=tmp_path / "bins.png")
     sdata.pl.render_images().pl.render_shapes(spots, color=gene, table_name="lr_spots").pl.show(
         save=tmp_path / "spots.png")

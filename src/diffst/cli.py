@@ -264,7 +264,7 @@ def predict(
     batch and stitched band by band into the .h5ad as it is written.
     """
     from diffst.atomic import check_replaceable
-    from diffst.inference.output import StoreTiles, build_anndata, write_h5ad_stream
+    from diffst.inference.output import StoreTiles, write_h5ad_stream
     from diffst.inference.predict import (
         check_sample_memory,
         interval_layer_names,
@@ -340,10 +340,7 @@ def predict(
             provenance = prediction_provenance(extras, data, split, dataset.meta, k, input_record=input_record)
             source = StoreTiles(store, k, interval_layer_names() if "intervals" in extras else [])
             if spatialdata:
-                adata = build_anndata(dataset, source, extra_uns=provenance, blend=blend)
-                write_prediction_spatialdata(dataset, None, out, adata=adata)
-                written = {"n_obs": adata.n_obs, "n_vars": adata.n_vars, "seams": adata.uns["diffst"].get("seams", {})}
-                del adata
+                written = write_prediction_spatialdata(dataset, source, out, extra_uns=provenance, blend=blend)
                 typer.echo(f"Wrote {out}: SpatialData store, {written['n_obs']} HR bins x {written['n_vars']} genes")
             else:
                 written = write_h5ad_stream(dataset, source, out, extra_uns=provenance, blend=blend)

@@ -420,17 +420,19 @@ def _seam_accumulator(plan: SamplePlan, geom):
                            tile)
 
 
-# -- streamed to an .h5ad -------------------------------------------------------------------------------
+# -- streamed to a file ---------------------------------------------------------------------------------
 _ARRAY = {"encoding-type": "array", "encoding-version": "0.2.0"}
 _STRINGS = {"encoding-type": "string-array", "encoding-version": "0.2.0"}
 _DICT = {"encoding-type": "dict", "encoding-version": "0.1.0"}
 
 
-class _Appender:
-    """Resizable HDF5 datasets (first axis grows) that take consecutive row blocks."""
+class _HDF5Columns:
+    """Growing HDF5 datasets (first axis) that take consecutive row blocks, in AnnData's on-disk encoding."""
 
     def __init__(self):
-        self.datasets = []
+        import h5py
+
+        self.strings = h5py.string_dtype()
 
     def create(self, group, name: str, dtype, width: int | None = None, attrs: Mapping = _ARRAY):
         shape = (0,) if width is None else (0, width)
@@ -440,17 +442,153 @@ class _Appender:
         ds.attrs.update(attrs)
         return ds
 
+    def fixed(self, group, name: str, values: list[str], attrs: Mapping = _STRINGS):
+        group.create_dataset(name, data=np.array(values, dtype=object), dtype=self.strings).attrs.update(attrs)
+
+    @staticmethod
+    def group(parent, name: str, attrs: Mapping):
+        child = parent.create_group(name)
+        child.attrs.update(attrs)
+        return child
+
     @staticmethod
     def append(ds, values) -> None:
+        values = np.array(values, dtype=object) if isinstance(values, list) else np.asarray(values)
         n = ds.shape[0]
-        values = np.asarray(values) if not isinstance(values, list) else values
         ds.resize(n + len(values), axis=0)
         ds[n : n + len(values)] = values
 
 
+class _ZarrColumns(_HDF5Columns):
+    """The same for a zarr group (a SpatialData table): growing zarr arrays, JSON attributes."""
+
+    def __init__(self):
+        self.strings = str  # zarr's variable-length UTF-8 strings, as anndata writes them
+
+    def create(self, group, name: str, dtype, width: int | None = None, attrs: Mapping = _ARRAY):
+        shape = (0,) if width is None else (0, width)
+        chunks = (65536,) if width is None else (max(1, min(65536, 2**22 // max(1, width * 8))), width)
+        ds = group.create_array(name, shape=shape, dtype=dtype, chunks=chunks)
+        ds.attrs.update(_json_attrs(attrs))
+        return ds
+
+    def fixed(self, group, name: str, values: list[str], attrs: Mapping = _STRINGS):
+        ds = group.create_array(name, shape=(len(values),), dtype=str)
+        ds[:] = np.array(values, dtype=object)
+        ds.attrs.update(_json_attrs(attrs))
+
+    @staticmethod
+    def group(parent, name: str, attrs: Mapping):
+        child = parent.create_group(name)
+        child.attrs.update(_json_attrs(attrs))
+        return child
+
+    @staticmethod
+    def append(ds, values) -> None:
+        ds.append(np.array(values, dtype=object) if isinstance(values, list) else np.asarray(values))
+
+
+def _json_attrs(attrs: Mapping) -> dict:
+    return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in attrs.items()}
+
+
+def _codes(n_categories: int):
+    return np.int8 if n_categories < 128 else np.int16 if n_categories < 2**15 else np.int32
+
+
+def stream_table(root, columns, dataset, source, *, extra_uns: Mapping | None = None, blend: str = "mean",
+                 regions: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Write the prediction's AnnData into ``root`` (an HDF5 file or zarr group) band by band.
+
+    What :func:`build_anndata` makes, in AnnData's on-disk encoding, without holding more than a band. With
+    ``regions`` (sample -> SpatialData element name) the rows also get ``obs['region']`` (that name) and
+    ``obs['instance_id']`` (1, 2, ... per sample in row order: the label of the bin in a labels raster).
+
+    Returns
+    -------
+    dict
+        ``n_obs``, ``n_vars``, ``seams`` (per sample, blend ``window`` only) and ``n_per_sample``.
+    """
+    from anndata.io import write_elem
+
+    from diffst.inference.whole_slide import tile_window
+
+    _check_blend(blend)
+    geom = dataset.geometry
+    window = tile_window(geom.tile_hr) if blend == "window" else None
+    keys = layer_keys(dataset, source)
+    n_genes = len(dataset.genes)
+    plans = plan_samples(dataset)
+    categories = sorted(p.name for p in plans)
+    code_of = {name: i for i, name in enumerate(categories)}
+    code_dtype = _codes(len(categories))
+    obs_columns = [*OBS_COLUMNS, *(("region", "instance_id") if regions else ())]
+    spatial, seams, n_obs, n_per_sample = {}, {}, 0, {}
+    root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+    x = columns.create(root, "X", np.float32, n_genes)
+    layers_group = columns.group(root, "layers", _DICT)
+    layer_names = [k for k in ("std", "observed", *source.bound_keys) if k in keys]
+    layers = {k: columns.create(layers_group, k, np.float32, n_genes) for k in layer_names}
+    obs = columns.group(root, "obs", {"_index": "_index", "column-order": np.array(obs_columns, dtype=object),
+                                      "encoding-type": "dataframe", "encoding-version": "0.2.0"})
+    index = columns.create(obs, "_index", columns.strings, attrs=_STRINGS)
+    categorical = {"encoding-type": "categorical", "encoding-version": "0.2.0", "ordered": False}
+    sample = columns.group(obs, "sample", categorical)
+    columns.fixed(sample, "categories", categories)
+    codes = columns.create(sample, "codes", code_dtype)
+    numeric = {"row": columns.create(obs, "row", np.int64), "col": columns.create(obs, "col", np.int64),
+               "x_um": columns.create(obs, "x_um", np.float64), "y_um": columns.create(obs, "y_um", np.float64)}
+    if regions:
+        region_names = sorted(regions[name] for name in categories)
+        region_code = {name: region_names.index(regions[name]) for name in categories}
+        region = columns.group(obs, "region", categorical)
+        columns.fixed(region, "categories", region_names)
+        region_codes = columns.create(region, "codes", _codes(len(region_names)))
+        instance = columns.create(obs, "instance_id", np.int64)
+    obsm = columns.group(root, "obsm", _DICT)
+    positions = {"spatial": columns.create(obsm, "spatial", np.float64, 2),
+                 "spatial_um": columns.create(obsm, "spatial_um", np.float64, 2)}
+    for plan in plans:
+        acc = _seam_accumulator(plan, geom) if window is not None else None
+        done = 0
+        for chunk in iter_chunks(dataset, source, plan, keys, window, acc):
+            if not len(chunk):
+                continue
+            columns.append(x, chunk.maps["mean"].astype(np.float32))
+            for key, ds in layers.items():
+                columns.append(ds, chunk.maps[key].astype(np.float32))
+            columns.append(index, chunk.names())
+            columns.append(codes, np.full(len(chunk), code_of[plan.name], code_dtype))
+            for key, ds in numeric.items():
+                columns.append(ds, getattr(chunk, key))
+            columns.append(positions["spatial"], chunk.spatial)
+            columns.append(positions["spatial_um"], np.column_stack([chunk.x_um, chunk.y_um]))
+            if regions:
+                columns.append(region_codes, np.full(len(chunk), region_code[plan.name], region_codes.dtype))
+                columns.append(instance, np.arange(done + 1, done + len(chunk) + 1, dtype=np.int64))
+            done += len(chunk)
+            release_memory()  # the band's temporaries would otherwise stay on glibc's heap, fragmented
+        n_obs += done
+        n_per_sample[plan.name] = done
+        if acc is not None:
+            seams[plan.name] = acc.result()
+        spatial[plan.name] = spatial_entry(dataset, plan)
+        release_pages(*dataset_maps(dataset))
+        release_memory()
+    write_elem(root, "var", pd.DataFrame(index=list(dataset.genes)))
+    for name in ("varm", "obsp", "varp"):
+        write_elem(root, name, {})
+    uns = {"spatial": spatial, "diffst": _uns_diffst(dataset, source, blend, extra_uns, seams)}
+    if regions:
+        uns["spatialdata_attrs"] = {"region": sorted(set(regions.values())), "region_key": "region",
+                                    "instance_key": "instance_id"}
+    write_elem(root, "uns", uns)
+    return {"n_obs": n_obs, "n_vars": n_genes, "seams": seams, "n_per_sample": n_per_sample}
+
+
 def write_h5ad_stream(dataset, source, path: str | Path, *, extra_uns: Mapping | None = None,
                       blend: str = "mean") -> dict[str, Any]:
-    """Write the prediction as an ``.h5ad`` band by band: memory does not grow with the slide.
+    """Write the prediction as an ``.h5ad`` band by band (:func:`stream_table`): memory does not grow with the slide.
 
     The file reads back (``anndata.read_h5ad``) as the AnnData :func:`build_anndata` makes for the same
     tiles. It is written under a temporary name and moved into place when complete
@@ -462,68 +600,11 @@ def write_h5ad_stream(dataset, source, path: str | Path, *, extra_uns: Mapping |
         ``n_obs``, ``n_vars`` and ``seams`` (per sample, blend ``window`` only).
     """
     import h5py
-    from anndata.io import write_elem
 
     from diffst.atomic import atomic_output
-    from diffst.inference.whole_slide import tile_window
 
     _check_blend(blend)
-    geom = dataset.geometry
-    window = tile_window(geom.tile_hr) if blend == "window" else None
-    keys = layer_keys(dataset, source)
-    n_genes = len(dataset.genes)
-    plans = plan_samples(dataset)
-    categories = sorted(p.name for p in plans)
-    code_of = {name: i for i, name in enumerate(categories)}
-    code_dtype = np.int8 if len(categories) < 128 else np.int16 if len(categories) < 2**15 else np.int32
-    spatial, seams, n_obs = {}, {}, 0
-    add = _Appender()
     # No chunk cache: rows are appended once, in order, and every dataset would keep its own cache.
     with atomic_output(Path(path), directory=False) as tmp, h5py.File(tmp, "w", rdcc_nbytes=0) as fh:
-        fh.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
-        x = add.create(fh, "X", np.float32, n_genes)
-        layers_group = fh.create_group("layers")
-        layers_group.attrs.update(_DICT)
-        layer_names = [k for k in ("std", "observed", *source.bound_keys) if k in keys]
-        layers = {k: add.create(layers_group, k, np.float32, n_genes) for k in layer_names}
-        obs = fh.create_group("obs")
-        obs.attrs.update({"_index": "_index", "column-order": np.array(OBS_COLUMNS, dtype=object),
-                          "encoding-type": "dataframe", "encoding-version": "0.2.0"})
-        index = add.create(obs, "_index", h5py.string_dtype(), attrs=_STRINGS)
-        sample = obs.create_group("sample")
-        sample.attrs.update({"encoding-type": "categorical", "encoding-version": "0.2.0", "ordered": False})
-        sample.create_dataset("categories", data=np.array(categories, dtype=object),
-                              dtype=h5py.string_dtype()).attrs.update(_STRINGS)
-        codes = add.create(sample, "codes", code_dtype)
-        columns = {"row": add.create(obs, "row", np.int64), "col": add.create(obs, "col", np.int64),
-                   "x_um": add.create(obs, "x_um", np.float64), "y_um": add.create(obs, "y_um", np.float64)}
-        obsm = fh.create_group("obsm")
-        obsm.attrs.update(_DICT)
-        positions = {"spatial": add.create(obsm, "spatial", np.float64, 2),
-                     "spatial_um": add.create(obsm, "spatial_um", np.float64, 2)}
-        for plan in plans:
-            acc = _seam_accumulator(plan, geom) if window is not None else None
-            for chunk in iter_chunks(dataset, source, plan, keys, window, acc):
-                if not len(chunk):
-                    continue
-                add.append(x, chunk.maps["mean"].astype(np.float32))
-                for key, ds in layers.items():
-                    add.append(ds, chunk.maps[key].astype(np.float32))
-                add.append(index, np.array(chunk.names(), dtype=object))
-                add.append(codes, np.full(len(chunk), code_of[plan.name], code_dtype))
-                for key, ds in columns.items():
-                    add.append(ds, getattr(chunk, key))
-                add.append(positions["spatial"], chunk.spatial)
-                add.append(positions["spatial_um"], np.column_stack([chunk.x_um, chunk.y_um]))
-                n_obs += len(chunk)
-                release_memory()  # the band's temporaries would otherwise stay on glibc's heap, fragmented
-            if acc is not None:
-                seams[plan.name] = acc.result()
-            spatial[plan.name] = spatial_entry(dataset, plan)
-            release_pages(*dataset_maps(dataset))
-            release_memory()
-        write_elem(fh, "var", pd.DataFrame(index=list(dataset.genes)))
-        for name in ("varm", "obsp", "varp"):
-            write_elem(fh, name, {})
-        write_elem(fh, "uns", {"spatial": spatial, "diffst": _uns_diffst(dataset, source, blend, extra_uns, seams)})
-    return {"n_obs": n_obs, "n_vars": n_genes, "seams": seams}
+        written = stream_table(fh, _HDF5Columns(), dataset, source, extra_uns=extra_uns, blend=blend)
+    return {k: written[k] for k in ("n_obs", "n_vars", "seams")}

@@ -1,4 +1,4 @@
-"""Write a prediction as a SpatialData zarr store (histology, HR bins, input LR spots, tables).
+"""Write a prediction as a SpatialData zarr store (histology, HR bins, input LR spots, tables), streamed.
 
 Needs the optional packages of the ``spatial`` extra (``pip install 'diffst[spatial]'``); nothing here is
 imported by ``import diffst.io``.
@@ -7,25 +7,35 @@ Layout of the store, per sample ``S`` of the predicted split (element names keep
 ``_``, ``-`` and ``.`` of the sample name):
 
 * ``images/S_histology``: the histology of the predicted tiles, (c, y, x) uint8 (channels ``r, g, b`` for
-  H&E, ``channel_0..`` for fluorescence), a mosaic of the prepared tile images
-  (:func:`diffst.inference.histology.mosaic_tiles`), multiscale when its longest side exceeds 4096 px;
-  transformation to microns: a scale by the mosaic's µm per pixel, then a translation to its corner;
-* ``shapes/S_hr_bins``: one square polygon per predicted HR bin, in microns, indexed by ``instance_id``;
+  H&E, ``channel_0..`` for fluorescence), a mosaic of the prepared tile images averaged where tiles overlap
+  (as :func:`diffst.inference.histology.mosaic_tiles` makes it), multiscale when its longest side exceeds
+  4096 px; transformation to microns: a scale by the mosaic's µm per pixel, then a translation to its corner;
+* ``labels/S_hr_bins``: the HR bins as a labels raster, one pixel per bin (0 where nothing was predicted,
+  else the bin's ``instance_id``); transformation to microns: a scale by the bin size, then a translation to
+  the grid's corner. A raster rather than one polygon per bin: a slide has millions of bins, and
+  spatialdata-plot colours labels by a table column as it colours shapes
+  (``sdata.pl.render_labels("S_hr_bins", color=gene, table_name="table")``);
 * ``shapes/S_lr_spots``: one square per measured LR bin the model was given (a pseudo-spot, or the bin
   holding a real spot's centre), in microns; where tiles overlap with LR grids that do not coincide,
   the first tile's bins are kept and overlapping ones dropped, so shapes never overlap;
 * ``tables/table``: the prediction as :func:`diffst.inference.predict.to_anndata` makes it
-  (``X`` point estimate in counts, ``layers['std']``, ``layers['observed']``, ``uns['diffst']`` with the
-  provenance), annotating the ``S_hr_bins`` shapes through ``obs['region']`` / ``obs['instance_id']``;
+  (``X`` point estimate in counts, ``layers['std']``, the interval bounds, ``layers['observed']``,
+  ``uns['spatial']`` for squidpy, ``uns['diffst']`` with the provenance), annotating the ``S_hr_bins``
+  labels through ``obs['region']`` / ``obs['instance_id']``;
 * ``tables/lr_spots``: the measured LR counts per spot (``X``), annotating ``S_lr_spots``.
 
 Coordinate system: ``global`` when the split holds one sample, else one per sample, named as its elements.
+
+Memory does not grow with the slide: the table is written band by band
+(:func:`diffst.inference.output.stream_table`), the histology is a lazy dask array computed block by block
+as it is written, and the labels raster holds 4 bytes per HR bin.
 """
 
 from __future__ import annotations
 
 import importlib
 import re
+import uuid
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,7 +47,6 @@ from diffst.errors import InputError
 
 if TYPE_CHECKING:
     from diffst.data.dataset import PreparedTiles
-    from diffst.inference.predict import TilePredictions
 
 SPATIAL_EXTRA = "pip install 'diffst[spatial]'"
 HR_TABLE = "table"
@@ -46,6 +55,10 @@ REGION_KEY = "region"
 INSTANCE_KEY = "instance_id"
 # Beyond this side a single-scale image is slow to pan in napari / to render; add a pyramid.
 PYRAMID_ABOVE_PX = 4096
+#: Side of the blocks the histology mosaic is computed and stored in (the writer holds a few at a time).
+MOSAIC_BLOCK_PX = 1024
+#: The table format version spatialdata 0.7 writes on a table's group (``ngff:regions_table``).
+TABLE_FORMAT_VERSION = "0.2"
 
 
 def require_spatial(module: str = "spatialdata", *, action: str = "Writing",
@@ -131,76 +144,146 @@ def _squares(x0: np.ndarray, y0: np.ndarray, side: float, cs: str):
     return models.ShapesModel.parse(frame, transformations={cs: transformations.Identity()})
 
 
-def _annotating(adata, element_of_row: list[str], instance_ids: np.ndarray):
-    """Mark each row of ``adata`` as the shape ``instance_ids[i]`` of element ``element_of_row[i]``."""
-    models = require_spatial("spatialdata.models")
-    adata.obs[REGION_KEY] = pd.Categorical(element_of_row)
-    adata.obs[INSTANCE_KEY] = np.asarray(instance_ids, np.int64)
-    return models.TableModel.parse(adata, region=sorted(set(element_of_row)), region_key=REGION_KEY,
-                                   instance_key=INSTANCE_KEY)
+def bin_labels(plan, tile_hr: int) -> np.ndarray:
+    """Labels raster of one sample's HR grid: bin ``instance_id`` (1, 2, ... in row-major order), 0 where no tile is.
+
+    The bins some tile covers are the rows :func:`diffst.inference.output.iter_chunks` yields, in the same
+    order, so label ``i`` is the sample's ``i``-th table row.
+    """
+    height, width = int(plan.offs_r.max()) + tile_hr, int(plan.offs_c.max()) + tile_hr
+    covered = np.zeros((height, width), bool)
+    for r, c in zip(plan.offs_r, plan.offs_c, strict=True):
+        covered[r : r + tile_hr, c : c + tile_hr] = True
+    n = int(covered.sum())
+    labels = np.zeros((height, width), np.int32 if n < 2**31 else np.int64)
+    labels[covered] = np.arange(1, n + 1)
+    return labels
 
 
-def to_spatialdata(dataset: PreparedTiles, preds: TilePredictions, *, extra_uns: dict | None = None,
-                   adata=None):
-    """Build the SpatialData object of a prediction (layout in this module's docstring).
+def lazy_mosaic(tissue, order: np.ndarray, x0_um: np.ndarray, y0_um: np.ndarray, tile_um: float,
+                block: int = MOSAIC_BLOCK_PX):
+    """The tiles' histology mosaic as a lazy (c, y, x) uint8 dask array, computed block by block when written.
 
-    Parameters
-    ----------
-    dataset, preds
-        The predicted split and its predictions (:func:`diffst.inference.predict.predict_checkpoint`).
-    extra_uns
-        Added to the table's ``uns['diffst']`` (e.g. checkpoint, sampler, provenance), also when ``adata`` is
-        given.
-    adata
-        The AnnData of the same prediction when already made (:func:`~diffst.inference.predict.to_anndata`);
-        it is copied, not changed.
+    Pixel for pixel what :func:`diffst.inference.histology.mosaic_tiles` makes (tile images averaged where
+    they overlap, background elsewhere), without holding the slide: a block reads only the tiles that
+    touch it (``tissue[order[j]]``, a memory map read one tile at a time).
 
     Returns
     -------
-    spatialdata.SpatialData
-        Images ``S_histology``, shapes ``S_hr_bins`` and ``S_lr_spots``, tables ``table`` and ``lr_spots``.
+    tuple
+        ``(image, x0_um, y0_um, um_per_px)``: the array and where its pixel (0, 0) lies.
+    """
+    import dask.array as da
+
+    from diffst.inference.histology import background_value
+    from diffst.memory import release_memory, release_pages
+
+    order = np.asarray(order)
+    if len(order) == 0:
+        raise InputError("No tiles to build the histology mosaic from; the split holds no tiles.")
+    channels, side = int(tissue.shape[1]), int(tissue.shape[2])
+    um_per_px = tile_um / side
+    gx0, gy0 = float(np.min(x0_um)), float(np.min(y0_um))
+    cols = np.round((np.asarray(x0_um) - gx0) / um_per_px).astype(int)
+    rows = np.round((np.asarray(y0_um) - gy0) / um_per_px).astype(int)
+    height, width = int(rows.max()) + side, int(cols.max()) + side
+    fill = background_value(channels)
+
+    def compute(block_info=None) -> np.ndarray:
+        (_, _), (top, bottom), (left, right) = block_info[None]["array-location"]
+        total = np.zeros((channels, bottom - top, right - left), np.float32)
+        count = np.zeros((bottom - top, right - left), np.float32)
+        # Tiles in their order, as mosaic_tiles adds them, so every pixel is the same float32 sum.
+        for j in np.flatnonzero((rows < bottom) & (rows + side > top) & (cols < right) & (cols + side > left)):
+            r0, r1 = max(rows[j], top), min(rows[j] + side, bottom)
+            c0, c1 = max(cols[j], left), min(cols[j] + side, right)
+            part = np.asarray(tissue[int(order[j])][:, r0 - rows[j] : r1 - rows[j], c0 - cols[j] : c1 - cols[j]])
+            total[:, r0 - top : r1 - top, c0 - left : c1 - left] += part
+            count[r0 - top : r1 - top, c0 - left : c1 - left] += 1
+        release_pages(tissue)
+        # In place: a block's temporaries are what bounds the writer's memory.
+        empty = count == 0
+        np.divide(total, count, out=total, where=~empty)
+        np.clip(np.round(total, out=total), 0, 255, out=total)
+        out = total.astype(np.uint8)
+        out[:, empty] = fill
+        del total, count, empty
+        release_memory()  # freed blocks would otherwise stay on glibc's heap, fragmented
+        return out
+
+    chunks = ((channels,), _runs(height, block), _runs(width, block))
+    # A name of our own: otherwise dask hashes the function, closure and all, and reads the whole memory map.
+    image = da.map_blocks(compute, chunks=chunks, dtype=np.uint8, meta=np.empty((0, 0, 0), np.uint8),
+                          name=f"diffst-histology-{uuid.uuid4().hex}")
+    return image, gx0, gy0, um_per_px
+
+
+def _runs(total: int, size: int) -> tuple[int, ...]:
+    return tuple(min(size, total - start) for start in range(0, total, size))
+
+
+def write_prediction_spatialdata(dataset: PreparedTiles, source, path: str | Path, *,
+                                 extra_uns: dict | None = None, blend: str = "mean") -> dict[str, Any]:
+    """Write a prediction as a SpatialData zarr store (layout in this module's docstring), streamed.
+
+    Parameters
+    ----------
+    dataset
+        The predicted split.
+    source
+        Its per-tile predictions: :class:`diffst.inference.predict.TilePredictions` (in memory) or a per-tile
+        source of :mod:`diffst.inference.output` (``MemoryTiles``, ``StoreTiles``).
+    path
+        The ``.zarr`` store to write. It is written under a hidden temporary name beside ``path`` and moved
+        into place when complete (:func:`diffst.atomic.atomic_output`): a failure leaves nothing at ``path``,
+        and an existing store there is replaced in one exchange. Check first with
+        :func:`diffst.atomic.check_replaceable` (and :func:`is_diffst_spatialdata`) that ``path`` may be
+        replaced: this function does not ask.
+    extra_uns
+        Added to the table's ``uns['diffst']`` (checkpoint, sampler, provenance).
+    blend
+        How overlapping tiles combine: ``"mean"`` or ``"window"`` (:func:`diffst.inference.output.stream_table`).
+
+    Returns
+    -------
+    dict
+        ``n_obs``, ``n_vars`` and ``seams`` (per sample, blend ``window`` only).
     """
     sd = require_spatial("spatialdata")
+    zarr = require_spatial("zarr")
     import anndata as ad
 
-    from diffst.inference.histology import mosaic_tiles
-    from diffst.inference.predict import to_anndata
+    from diffst.atomic import atomic_output
+    from diffst.inference.output import MemoryTiles, _ZarrColumns, plan_samples, stream_table
 
     models = require_spatial("spatialdata.models")
     tf = require_spatial("spatialdata.transformations")
+    if not hasattr(source, "get"):
+        source = MemoryTiles(source)
     geom = dataset.geometry
-    if adata is None:
-        table = to_anndata(dataset, preds, extra_uns=extra_uns)
-    else:
-        table = adata.copy()
-        table.uns["diffst"] = {**table.uns.get("diffst", {}), **(extra_uns or {})}
-    samples = [str(s) for s in table.obs["sample"].cat.categories if (table.obs["sample"] == s).any()]
-    systems = coordinate_system_names(samples)
-    images, shapes, region_of_row = {}, {}, np.empty(table.n_obs, dtype=object)
-    instance_of_row = np.zeros(table.n_obs, np.int64)
-    for name in samples:
-        prefix, cs = element_prefix(name), systems[name]
-        group = dataset.tiles[dataset.tiles["sample"] == name]
-        mosaic = mosaic_tiles(dataset.tissue[group.index.to_numpy()], group["x0_um"].to_numpy(),
-                              group["y0_um"].to_numpy(), geom.tile_um)
-        channels = ["r", "g", "b"] if mosaic.is_rgb else [f"channel_{i}" for i in range(mosaic.image.shape[2])]
+    plans = plan_samples(dataset)
+    systems = coordinate_system_names([p.name for p in plans])
+    images, labels, shapes, regions = {}, {}, {}, {}
+    for plan in plans:
+        prefix, cs = element_prefix(plan.name), systems[plan.name]
+        mosaic, mx0, my0, um_per_px = lazy_mosaic(dataset.tissue, plan.order, plan.group["x0_um"].to_numpy(),
+                                                  plan.group["y0_um"].to_numpy(), geom.tile_um)
+        channels = ["r", "g", "b"] if mosaic.shape[0] == 3 else [f"channel_{i}" for i in range(mosaic.shape[0])]
         pyramid = []
-        while max(mosaic.image.shape[:2]) / 2 ** len(pyramid) > PYRAMID_ABOVE_PX:
+        while max(mosaic.shape[1:]) / 2 ** len(pyramid) > PYRAMID_ABOVE_PX:
             pyramid.append(2)
-        to_um = tf.Sequence([tf.Scale([mosaic.um_per_px, mosaic.um_per_px], axes=("y", "x")),
-                             tf.Translation([mosaic.y0_um, mosaic.x0_um], axes=("y", "x"))])
+        to_um = tf.Sequence([tf.Scale([um_per_px, um_per_px], axes=("y", "x")),
+                             tf.Translation([my0, mx0], axes=("y", "x"))])
         images[f"{prefix}_histology"] = models.Image2DModel.parse(
-            np.moveaxis(mosaic.image, -1, 0), dims=("c", "y", "x"), c_coords=channels,
-            transformations={cs: to_um}, scale_factors=pyramid or None)
-        rows = np.flatnonzero((table.obs["sample"] == name).to_numpy())
-        half = geom.hr_bin_um / 2
-        x0 = table.obs["x_um"].to_numpy()[rows] - half
-        y0 = table.obs["y_um"].to_numpy()[rows] - half
-        shapes[f"{prefix}_hr_bins"] = _squares(x0, y0, geom.hr_bin_um, cs)
-        region_of_row[rows] = f"{prefix}_hr_bins"
-        instance_of_row[rows] = np.arange(len(rows))
-    table = _annotating(table, list(region_of_row), instance_of_row)
+            mosaic, dims=("c", "y", "x"), c_coords=channels, transformations={cs: to_um},
+            scale_factors=pyramid or None, chunks=(len(channels), MOSAIC_BLOCK_PX, MOSAIC_BLOCK_PX))
+        bins_to_um = tf.Sequence([tf.Scale([geom.hr_bin_um, geom.hr_bin_um], axes=("y", "x")),
+                                  tf.Translation([plan.gy0, plan.gx0], axes=("y", "x"))])
+        labels[f"{prefix}_hr_bins"] = models.Labels2DModel.parse(
+            bin_labels(plan, geom.tile_hr), dims=("y", "x"), transformations={cs: bins_to_um})
+        regions[plan.name] = f"{prefix}_hr_bins"
 
+    tables = {}
     lr_parts, lr_region, lr_instance = [], [], []
     for name, (spots, counts) in lr_spot_tables(dataset).items():
         if not len(spots):
@@ -212,49 +295,43 @@ def to_spatialdata(dataset: PreparedTiles, preds: TilePredictions, *, extra_uns:
         lr_parts.append(ad.AnnData(X=counts, obs=obs, var=pd.DataFrame(index=list(dataset.genes))))
         lr_region += [f"{prefix}_lr_spots"] * len(spots)
         lr_instance.append(np.arange(len(spots)))
-    tables = {HR_TABLE: table}
     if lr_parts:
         lr = ad.concat(lr_parts, merge="same")
         lr.obs["sample"] = lr.obs["sample"].astype("category")
         lr.uns["diffst"] = {"what": "measured LR counts per LR bin given to the model", "lr_bin_um": geom.lr_bin_um}
-        tables[LR_TABLE] = _annotating(lr, lr_region, np.concatenate(lr_instance))
-    return sd.SpatialData(images=images, shapes=shapes, tables=tables)
+        lr.obs[REGION_KEY] = pd.Categorical(lr_region)
+        lr.obs[INSTANCE_KEY] = np.concatenate(lr_instance).astype(np.int64)
+        tables[LR_TABLE] = models.TableModel.parse(lr, region=sorted(set(lr_region)), region_key=REGION_KEY,
+                                                   instance_key=INSTANCE_KEY)
+
+    path = Path(path)
+    with atomic_output(path, directory=True) as tmp, warnings.catch_warnings():
+        # zarr announces a future default once per array; it says nothing about this store.
+        warnings.filterwarnings("ignore", message=".*zarr v3 autosharding", category=UserWarning)
+        # Consolidating notes that spatialdata's parquet files are not zarr nodes and that consolidated
+        # metadata is a zarr-python convention; spatialdata reads it so.
+        warnings.filterwarnings("ignore", message=".*not recognized as a component of a Zarr hierarchy")
+        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+        tmp.rmdir()  # spatialdata creates the store folder itself
+        sd.SpatialData(images=images, labels=labels, shapes=shapes, tables=tables).write(
+            tmp, overwrite=False, update_sdata_path=False)
+        table = zarr.open_group(tmp, mode="a").require_group("tables").create_group(HR_TABLE)
+        written = stream_table(table, _ZarrColumns(), dataset, source, extra_uns=extra_uns, blend=blend,
+                               regions=regions)
+        # What spatialdata writes on a table's group, so that it reads back as an annotating table.
+        table.attrs.update({"spatialdata-encoding-type": "ngff:regions_table",
+                            "region": sorted(set(regions.values())), "region_key": REGION_KEY,
+                            "instance_key": INSTANCE_KEY, "version": TABLE_FORMAT_VERSION})
+        zarr.consolidate_metadata(tmp)
+    for plan in plans:
+        expected = int(np.count_nonzero(labels[regions[plan.name]]))
+        if written["n_per_sample"].get(plan.name, 0) != expected:  # pragma: no cover - an internal invariant
+            raise RuntimeError(f"{plan.name}: {written['n_per_sample'].get(plan.name)} table rows for {expected} "
+                               "labelled bins")
+    return {k: written[k] for k in ("n_obs", "n_vars", "seams")}
 
 
 def is_diffst_spatialdata(path: str | Path) -> bool:
     """Tell whether ``path`` is a SpatialData store that Diff-ST wrote (its table carries ``uns/diffst``)."""
     path = Path(path)
     return path.is_dir() and (path / "tables" / HR_TABLE / "uns" / "diffst").is_dir()
-
-
-def write_spatialdata(sdata, path: str | Path) -> Path:
-    """Write a SpatialData object to a zarr store atomically: a failure leaves nothing at ``path``.
-
-    The store is written under a hidden temporary name beside ``path`` and moved into place when complete
-    (:func:`diffst.atomic.atomic_output`); an existing store at ``path`` is replaced in one exchange. Check
-    first with :func:`diffst.atomic.check_replaceable` (and :func:`is_diffst_spatialdata`) that ``path`` may
-    be replaced: this function does not ask.
-
-    Returns
-    -------
-    Path
-        ``path``.
-    """
-    from diffst.atomic import atomic_output
-
-    path = Path(path)
-    with atomic_output(path, directory=True) as tmp, warnings.catch_warnings():
-        # zarr announces a future default once per array; it says nothing about this store.
-        warnings.filterwarnings("ignore", message=".*zarr v3 autosharding", category=UserWarning)
-        tmp.rmdir()  # spatialdata creates the store folder itself
-        sdata.write(tmp, overwrite=False, update_sdata_path=False)
-    return path
-
-
-def write_prediction_spatialdata(dataset: PreparedTiles, preds: TilePredictions, path: str | Path, *,
-                                 extra_uns: dict | None = None, adata=None) -> Path:
-    """Build (:func:`to_spatialdata`) and write (:func:`write_spatialdata`) a prediction as a zarr store.
-
-    Writes the elements listed in this module's docstring at ``path``; returns ``path``.
-    """
-    return write_spatialdata(to_spatialdata(dataset, preds, extra_uns=extra_uns, adata=adata), path)
