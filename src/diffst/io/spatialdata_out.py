@@ -162,7 +162,7 @@ def bin_labels(plan, tile_hr: int) -> np.ndarray:
 
 def lazy_mosaic(tissue, order: np.ndarray, x0_um: np.ndarray, y0_um: np.ndarray, tile_um: float,
                 block: int = MOSAIC_BLOCK_PX):
-    """The tiles' histology mosaic as a lazy (c, y, x) uint8 dask array, computed block by block when written.
+    """Make the tiles' histology mosaic a lazy (c, y, x) uint8 dask array, computed block by block when written.
 
     Pixel for pixel what :func:`diffst.inference.histology.mosaic_tiles` makes (tile images averaged where
     they overlap, background elsewhere), without holding the slide: a block reads only the tiles that
