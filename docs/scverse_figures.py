@@ -15,6 +15,7 @@ from pathlib import Path
 
 
 def main() -> None:
+    """Parse the command line and write both pictures."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("h5ad", type=Path)
     parser.add_argument("zarr", type=Path)
@@ -35,17 +36,19 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     adata = ad.read_h5ad(args.h5ad)
     library = str(adata.obs["sample"].cat.categories[0])
+    bin_um = adata.uns["diffst"]["geometry"]["hr_bin_um"]
     sq.pl.spatial_scatter(adata, color=args.gene, library_id=library, img=True, img_res_key="hires", shape="square",
-                          title=f"{args.gene}, Diff-ST (squidpy over uns['spatial'])")
+                          alpha=0.7, title=f"{args.gene}, Diff-ST counts per {bin_um:g} µm bin, over the histology")
     plt.savefig(args.out / f"squidpy_{args.suffix}.png", dpi=110, bbox_inches="tight")
     plt.close("all")
 
     sdata = sd.read_zarr(args.zarr)
     bins = next(name for name in sdata.labels if name.endswith("_hr_bins"))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 5))
-    sdata.pl.render_images().pl.show(ax=axes[0], title="histology")
-    (sdata.pl.render_images().pl.render_labels(bins, color=args.gene, table_name="table", fill_alpha=0.8)
-     .pl.show(ax=axes[1], title=f"{args.gene}, Diff-ST (spatialdata-plot: {bins} coloured by the table)"))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
+    sdata.pl.render_images(cmap="gray", colorbar=False).pl.show(ax=axes[0], title="histology (µm)")
+    (sdata.pl.render_images(cmap="gray", colorbar=False)
+     .pl.render_labels(bins, color=args.gene, table_name="table", fill_alpha=0.75)
+     .pl.show(ax=axes[1], title=f"{args.gene} (counts per bin), labels '{bins}'"))
     fig.tight_layout()
     fig.savefig(args.out / f"spatialdata_{args.suffix}.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
