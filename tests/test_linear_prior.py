@@ -28,7 +28,8 @@ def prior_run(prepared, tmp_path_factory):
     torch.set_num_threads(1)
     try:
         cfg = tiny_config(prepared, tmp_path_factory.mktemp("prior") / "run", steps=2, objective="regression",
-                          regression="spot_poisson", linear_prior=True, lr=1e-12)
+                          regression="spot_poisson", linear_prior=True, lr=1e-12,
+                          spot_ratio_shrink=0.0)  # the answer alone, to compare with the ridge
         return train(parse_config(cfg))
     finally:
         torch.set_num_threads(before)

@@ -177,3 +177,56 @@ def test_spot_ratio_model_starts_as_its_backbone_and_learns_from_the_image(prepa
     torch.nn.init.normal_(model.image_head.weight)
     other = {**cond, "tissue": torch.rand(2, 1, 128, 128)}
     assert not torch.allclose(model(x, t, **cond).prediction, model(x, t, **other).prediction)
+
+
+def test_interpolated_shares_leave_out_empty_spots():
+    """The allocation a spot-ratio answer is shrunk toward: spot-consistent; a spot beside empty ones is
+    shared evenly when its measured neighbours agree, and toward the stronger neighbour when they do not."""
+    from diffst.models.spot_ratio import interpolated_shares
+
+    lr = torch.zeros(1, 2, 3, 3)
+    lr[:, :, :, 0] = 200.0  # the left column of spots is tissue, the others are empty
+    lr[:, 1, :, 0] = torch.tensor([40.0, 160.0, 360.0])
+    shares = interpolated_shares(lr, 2)
+    torch.testing.assert_close(shares.reshape(1, 2, 3, 2, 3, 2).sum(dim=(3, 5)), lr)
+    torch.testing.assert_close(shares[0, 0, 2:4, 0:2], torch.full((2, 2), 50.0))
+    middle = shares[0, 1, 2:4, 0:2]
+    assert middle[1].sum() > middle[0].sum() and torch.allclose(middle[:, 0], middle[:, 1])
+    assert torch.equal(interpolated_shares(lr.flip(-1), 2), shares.flip(-1))
+
+
+def test_spot_ratio_shrink_mixes_in_the_interpolated_allocation(spot_run, prepared, tmp_path):
+    """``train.spot_ratio_shrink``: 0 is the answer alone (as before the field existed, and as saved runs
+    without it load), s gives ``(1 - s) * answer + s * interpolated`` in counts, spot-consistent."""
+    import yaml
+    from torch.utils.data import default_collate
+
+    from diffst.models.base import Conditions
+    from diffst.models.spot_ratio import interpolated_shares
+    from diffst.runs import _parse_config, load_run, regression_output, regression_point
+
+    run = load_run(spot_run)
+    assert run.config.train.spot_ratio_shrink == 0.5  # the default, saved with the run
+    tiles = PreparedTiles(prepared, "test", normaliser=run.dataset.normaliser)
+    batch = default_collate([tiles[i] for i in range(len(tiles))])
+    cond = Conditions.from_batch(batch, run.entropy_threshold)
+    shape, norm, scale = tuple(batch["hr"].shape), run.dataset.normaliser, run.dataset.geometry.scale
+
+    def with_shrink(value):
+        return run.config.model_copy(update={"train": run.config.train.model_copy(update={"spot_ratio_shrink": value})})
+
+    with torch.no_grad():
+        alone = regression_output(run.model, cond, shape, run.config, run.dataset)
+        interpolated = interpolated_shares(norm.lr_to_counts(cond.lr, scale), scale)
+        torch.testing.assert_close(regression_point(run.model, cond, shape, with_shrink(0.0), run.dataset), alone.maps,
+                                   rtol=0, atol=0)
+        for value in (0.5, 1.0):
+            got = norm.to_counts(regression_point(run.model, cond, shape, with_shrink(value), run.dataset))
+            torch.testing.assert_close(got, (1 - value) * alone.counts + value * interpolated, rtol=1e-4, atol=1e-3)
+    _spot_sums_match(got.numpy(), prepared)
+    saved = yaml.safe_load((Path(spot_run) / "config.yaml").read_text())
+    del saved["train"]["spot_ratio_shrink"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert _parse_config(tmp_path / "config.yaml").train.spot_ratio_shrink == 0.0
+    with pytest.raises(ValueError, match="spot_ratio_shrink"):
+        parse_config({**saved, "train": {**saved["train"], "spot_ratio_shrink": 1.5}})

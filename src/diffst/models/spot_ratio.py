@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from diffst.diffusion.target import lr_on_hr_grid
 from diffst.models.base import Denoiser, DenoiserOutput
 
-__all__ = ["LinearPrior", "SpotRatioModel", "bin_image_features", "fit_linear_prior"]
+__all__ = ["LinearPrior", "SpotRatioModel", "bin_image_features", "fit_linear_prior", "interpolated_shares"]
 
 NEIGHBOURHOODS = (3, 7)
 #: Gaussian widths (pixels of the tile image) of the band-pass that finds nucleus-sized blobs: at the cpu
@@ -106,6 +106,40 @@ def _interpolated_log1p(lr: Tensor, hr_shape: tuple[int, int], log1p_scale: Tens
     counts = torch.expm1((lr + 1.0) * 0.5 * log1p_scale.view(1, -1, 1, 1)).clamp_min(0.0)
     interpolated = F.interpolate(counts, size=tuple(hr_shape), mode="bicubic", align_corners=False)
     return torch.log1p(interpolated.clamp_min(0.0))
+
+
+def interpolated_shares(lr_counts: Tensor, scale: int) -> Tensor:
+    """Share each LR spot's count out in proportion to the LR counts interpolated in counts, empty spots left out.
+
+    The allocation a spot-ratio answer is shrunk toward (``train.spot_ratio_shrink``): bin ``i`` of a spot
+    gets a share proportional to ``1 + c_i``, with ``c`` the bicubic interpolation of the counts per bin,
+    normalised over the LR spots that have a count in some gene, ``interp(counts * measured) /
+    interp(measured)``: a spot without any count (unmeasured, or off the tissue) says that there is no
+    tissue there, not that its neighbour's expression falls toward it. It knows nothing of the image, so it
+    can be wrong only as far as the LR maps' own gradient; the same in every square symmetry.
+
+    Parameters
+    ----------
+    lr_counts
+        (B, N, h, w) non-negative LR counts.
+    scale
+        Super-resolution factor s.
+
+    Returns
+    -------
+    Tensor
+        (B, N, s h, s w) HR counts whose s x s blocks sum to ``lr_counts`` exactly.
+    """
+    from diffst.core.spots import share_out_spots
+
+    size = (lr_counts.shape[-2] * scale, lr_counts.shape[-1] * scale)
+    counts = lr_counts.clamp_min(0.0) / float(scale * scale)
+    measured = (counts.sum(dim=1, keepdim=True) > 0).to(counts.dtype)
+    total = F.interpolate(counts * measured, size=size, mode="bicubic", align_corners=False)
+    # A lone measured spot's own bins sit at mask weight >= ~0.4 (the corners of a 10 x 10 spot), far above
+    # the floor; it only matters inside empty ground, whose spots have no count to share.
+    weight = F.interpolate(measured, size=size, mode="bicubic", align_corners=False).clamp_min(0.05)
+    return share_out_spots(torch.log1p((total / weight).clamp_min(0.0)), lr_counts, scale)
 
 
 class LinearPrior(nn.Module):
