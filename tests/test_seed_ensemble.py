@@ -143,11 +143,16 @@ def test_recipe_trains_members_with_successive_seeds_and_stage_two_on_their_mean
 
 def test_runs_resume_after_an_inference_setting_changed(prepared, tmp_path, one_thread):
     # A run trained when the sampler's defaults were other (e.g. point_views 8) resumes and is reused.
+    # So does one saved before train.spot_ratio_shrink existed (it reads 0), and the new checkpoint answers
+    # with the setting it was resumed with.
     cfg = {**_spot_config(prepared, tmp_path / "reg", 3, steps=2), "sampler": {"point_views": 8, "steps": 5}}
+    cfg["train"]["spot_ratio_shrink"] = 0.0
     first = train(parse_config(cfg))
     cfg["sampler"] = {"point_views": 2}
     cfg["train"]["steps"] = 3
+    cfg["train"]["spot_ratio_shrink"] = 0.5
     again = train(parse_config(cfg), resume=True)
     assert again == first and read_training_state(again)["state"]["step"] == 3
+    assert load_run(again).config.train.spot_ratio_shrink == 0.5
     with pytest.raises(ConfigError, match="cannot resume"):
         train(parse_config({**cfg, "seed": 9}), resume=True)  # training settings still may not change

@@ -74,10 +74,12 @@ log = logging.getLogger("diffst.training")
 # Settings that may differ between a run and its resumption (they do not change the optimisation path,
 # except the length of training, which the user changes on purpose). The sampler is for inference; the one
 # sampler setting training reads, a two-stage run's point_views (its base's answer), is kept from the state.
+# train.spot_ratio_shrink only forms a regression's answer from its network (runs saved before it existed
+# read 0), so runs of any objective resume and are reused across it.
 RESUMABLE_CHANGES = {
     "train.steps", "train.epochs", "train.log_every", "train.val_every", "train.val_batches",
-    "train.checkpoint_every", "train.keep_last", "train.tensorboard", "data.num_workers", "device",
-    *(f"sampler.{key}" for key in SamplerConfig.model_fields),
+    "train.checkpoint_every", "train.keep_last", "train.tensorboard", "train.spot_ratio_shrink",
+    "data.num_workers", "device", *(f"sampler.{key}" for key in SamplerConfig.model_fields),
 }
 DATA_ORDER = ("tiles of epoch e: permutation from (seed, e), dealt round-robin to ranks; augmentation from "
               "(seed, e, tile); noise/timesteps from (seed, rank, step)")
