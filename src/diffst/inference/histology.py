@@ -57,6 +57,74 @@ def background_value(n_channels: int) -> int:
     return 255 if n_channels == 3 else 0
 
 
+@dataclass
+class TilePlacement:
+    """Where tile images land in a mosaic at their own pixel size: corners rounded to whole mosaic pixels.
+
+    ``rows`` / ``cols`` (T,) are each tile's top-left pixel, ``side`` its pixels a side, ``height`` x ``width``
+    the mosaic; its pixel (0, 0) has its corner at (``x0_um``, ``y0_um``), ``um_per_px`` microns a side.
+    """
+
+    rows: np.ndarray
+    cols: np.ndarray
+    side: int
+    height: int
+    width: int
+    x0_um: float
+    y0_um: float
+    um_per_px: float
+
+
+def place_tiles(n_tiles: int, side: int, x0_um: np.ndarray, y0_um: np.ndarray, tile_um: float) -> TilePlacement:
+    """Place ``n_tiles`` tile images of ``side`` pixels (top-left corners in µm) in one mosaic.
+
+    Raises
+    ------
+    InputError
+        When there are no tiles.
+    """
+    if n_tiles == 0:
+        raise InputError("No tiles to build the histology mosaic from; the split holds no tiles.")
+    um_per_px = tile_um / side
+    gx0, gy0 = float(np.min(x0_um)), float(np.min(y0_um))
+    cols = np.round((np.asarray(x0_um) - gx0) / um_per_px).astype(int)
+    rows = np.round((np.asarray(y0_um) - gy0) / um_per_px).astype(int)
+    return TilePlacement(rows, cols, int(side), int(rows.max()) + side, int(cols.max()) + side, gx0, gy0, um_per_px)
+
+
+def paste_window(tissue, order: np.ndarray, place: TilePlacement, top: int, bottom: int, left: int,
+                 right: int) -> tuple[np.ndarray, np.ndarray]:
+    """Average the tile images over mosaic rows ``top:bottom`` and columns ``left:right``.
+
+    Tile ``j`` of ``place`` is ``tissue[order[j]]`` ((C, S, S) uint8; a memory map is read one tile, and
+    only the part inside the window, at a time). Tiles are added in their order, so a pixel's float32 sum is
+    the same whatever window it is computed in.
+
+    Returns
+    -------
+    tuple
+        ``(image, covered)``: (C, h, w) uint8 (background where no tile is, :func:`background_value`) and
+        (h, w) bool.
+    """
+    rows, cols, side = place.rows, place.cols, place.side
+    channels = int(tissue.shape[1])
+    total = np.zeros((channels, bottom - top, right - left), np.float32)
+    count = np.zeros((bottom - top, right - left), np.float32)
+    for j in np.flatnonzero((rows < bottom) & (rows + side > top) & (cols < right) & (cols + side > left)):
+        r0, r1 = max(rows[j], top), min(rows[j] + side, bottom)
+        c0, c1 = max(cols[j], left), min(cols[j] + side, right)
+        part = np.asarray(tissue[int(order[j])][:, r0 - rows[j] : r1 - rows[j], c0 - cols[j] : c1 - cols[j]])
+        total[:, r0 - top : r1 - top, c0 - left : c1 - left] += part
+        count[r0 - top : r1 - top, c0 - left : c1 - left] += 1
+    # In place: a window's temporaries are what bounds a streamed writer's memory.
+    covered = count > 0
+    np.divide(total, count, out=total, where=covered)
+    np.clip(np.round(total, out=total), 0, 255, out=total)
+    image = total.astype(np.uint8)
+    image[:, ~covered] = background_value(channels)
+    return image, covered
+
+
 def mosaic_tiles(tissue: np.ndarray, x0_um: np.ndarray, y0_um: np.ndarray, tile_um: float) -> HistologyMosaic:
     """Paste tile images into one mosaic, averaging where tiles overlap.
 
@@ -76,23 +144,9 @@ def mosaic_tiles(tissue: np.ndarray, x0_um: np.ndarray, y0_um: np.ndarray, tile_
         on the HR grid, which need not be a whole number of mosaic pixels), so a tile may be off by up to
         half a pixel.
     """
-    n_tiles, channels, side, _ = tissue.shape
-    if n_tiles == 0:
-        raise InputError("No tiles to build the histology mosaic from; the split holds no tiles.")
-    um_per_px = tile_um / side
-    gx0, gy0 = float(np.min(x0_um)), float(np.min(y0_um))
-    cols = np.round((np.asarray(x0_um) - gx0) / um_per_px).astype(int)
-    rows = np.round((np.asarray(y0_um) - gy0) / um_per_px).astype(int)
-    height, width = rows.max() + side, cols.max() + side
-    total = np.zeros((height, width, channels), np.float32)
-    count = np.zeros((height, width), np.float32)
-    for j, (r, c) in enumerate(zip(rows, cols, strict=True)):
-        total[r : r + side, c : c + side] += np.moveaxis(np.asarray(tissue[j], np.float32), 0, -1)
-        count[r : r + side, c : c + side] += 1
-    covered = count > 0
-    image = np.full((height, width, channels), background_value(channels), np.uint8)
-    image[covered] = np.clip(np.round(total[covered] / count[covered, None]), 0, 255).astype(np.uint8)
-    return HistologyMosaic(image, gx0, gy0, um_per_px, covered)
+    place = place_tiles(tissue.shape[0], tissue.shape[2], x0_um, y0_um, tile_um)
+    image, covered = paste_window(tissue, np.arange(tissue.shape[0]), place, 0, place.height, 0, place.width)
+    return HistologyMosaic(np.moveaxis(image, 0, -1), place.x0_um, place.y0_um, place.um_per_px, covered)
 
 
 def display_rgb(image: np.ndarray) -> np.ndarray:

@@ -453,13 +453,13 @@ class _HDF5Columns:
 
     @staticmethod
     def append(ds, values) -> None:
-        values = np.array(values, dtype=object) if isinstance(values, list) else np.asarray(values)
+        values = _rows(values)
         n = ds.shape[0]
         ds.resize(n + len(values), axis=0)
         ds[n : n + len(values)] = values
 
 
-class _ZarrColumns(_HDF5Columns):
+class _ZarrColumns:
     """The same for a zarr group (a SpatialData table): growing zarr arrays, JSON attributes."""
 
     def __init__(self):
@@ -485,7 +485,12 @@ class _ZarrColumns(_HDF5Columns):
 
     @staticmethod
     def append(ds, values) -> None:
-        ds.append(np.array(values, dtype=object) if isinstance(values, list) else np.asarray(values))
+        ds.append(_rows(values))
+
+
+def _rows(values) -> np.ndarray:
+    """Return a block of rows to append: a list (of row names) as an object array of strings, else as it is."""
+    return np.array(values, dtype=object) if isinstance(values, list) else np.asarray(values)
 
 
 def _json_attrs(attrs: Mapping) -> dict:

@@ -175,47 +175,25 @@ def lazy_mosaic(tissue, order: np.ndarray, x0_um: np.ndarray, y0_um: np.ndarray,
     """
     import dask.array as da
 
-    from diffst.inference.histology import background_value
+    from diffst.inference.histology import paste_window, place_tiles
     from diffst.memory import release_memory, release_pages
 
     order = np.asarray(order)
-    if len(order) == 0:
-        raise InputError("No tiles to build the histology mosaic from; the split holds no tiles.")
-    channels, side = int(tissue.shape[1]), int(tissue.shape[2])
-    um_per_px = tile_um / side
-    gx0, gy0 = float(np.min(x0_um)), float(np.min(y0_um))
-    cols = np.round((np.asarray(x0_um) - gx0) / um_per_px).astype(int)
-    rows = np.round((np.asarray(y0_um) - gy0) / um_per_px).astype(int)
-    height, width = int(rows.max()) + side, int(cols.max()) + side
-    fill = background_value(channels)
+    place = place_tiles(len(order), int(tissue.shape[2]), x0_um, y0_um, tile_um)
+    channels = int(tissue.shape[1])
 
     def compute(block_info=None) -> np.ndarray:
         (_, _), (top, bottom), (left, right) = block_info[None]["array-location"]
-        total = np.zeros((channels, bottom - top, right - left), np.float32)
-        count = np.zeros((bottom - top, right - left), np.float32)
-        # Tiles in their order, as mosaic_tiles adds them, so every pixel is the same float32 sum.
-        for j in np.flatnonzero((rows < bottom) & (rows + side > top) & (cols < right) & (cols + side > left)):
-            r0, r1 = max(rows[j], top), min(rows[j] + side, bottom)
-            c0, c1 = max(cols[j], left), min(cols[j] + side, right)
-            part = np.asarray(tissue[int(order[j])][:, r0 - rows[j] : r1 - rows[j], c0 - cols[j] : c1 - cols[j]])
-            total[:, r0 - top : r1 - top, c0 - left : c1 - left] += part
-            count[r0 - top : r1 - top, c0 - left : c1 - left] += 1
+        image, _ = paste_window(tissue, order, place, top, bottom, left, right)
         release_pages(tissue)
-        # In place: a block's temporaries are what bounds the writer's memory.
-        empty = count == 0
-        np.divide(total, count, out=total, where=~empty)
-        np.clip(np.round(total, out=total), 0, 255, out=total)
-        out = total.astype(np.uint8)
-        out[:, empty] = fill
-        del total, count, empty
         release_memory()  # freed blocks would otherwise stay on glibc's heap, fragmented
-        return out
+        return image
 
-    chunks = ((channels,), _runs(height, block), _runs(width, block))
+    chunks = ((channels,), _runs(place.height, block), _runs(place.width, block))
     # A name of our own: otherwise dask hashes the function, closure and all, and reads the whole memory map.
     image = da.map_blocks(compute, chunks=chunks, dtype=np.uint8, meta=np.empty((0, 0, 0), np.uint8),
                           name=f"diffst-histology-{uuid.uuid4().hex}")
-    return image, gx0, gy0, um_per_px
+    return image, place.x0_um, place.y0_um, place.um_per_px
 
 
 def _runs(total: int, size: int) -> tuple[int, ...]:
@@ -322,12 +300,12 @@ def write_prediction_spatialdata(dataset: PreparedTiles, source, path: str | Pat
         table.attrs.update({"spatialdata-encoding-type": "ngff:regions_table",
                             "region": sorted(set(regions.values())), "region_key": REGION_KEY,
                             "instance_key": INSTANCE_KEY, "version": TABLE_FORMAT_VERSION})
+        for plan in plans:  # checked before the store is moved into place, so a failure leaves nothing there
+            expected = int(np.count_nonzero(labels[regions[plan.name]]))
+            if written["n_per_sample"].get(plan.name, 0) != expected:  # pragma: no cover - an internal invariant
+                raise RuntimeError(f"{plan.name}: {written['n_per_sample'].get(plan.name)} table rows for "
+                                   f"{expected} labelled bins")
         zarr.consolidate_metadata(tmp)
-    for plan in plans:
-        expected = int(np.count_nonzero(labels[regions[plan.name]]))
-        if written["n_per_sample"].get(plan.name, 0) != expected:  # pragma: no cover - an internal invariant
-            raise RuntimeError(f"{plan.name}: {written['n_per_sample'].get(plan.name)} table rows for {expected} "
-                               "labelled bins")
     return {k: written[k] for k in ("n_obs", "n_vars", "seams")}
 
 
